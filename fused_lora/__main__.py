@@ -1,0 +1,62 @@
+"""``python -m fused_lora info``: versions, devices, and each backend's availability (with the
+reason when one is missing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+
+def info() -> dict:
+    import torch
+
+    from fused_lora import __version__, _ext, dispatch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        triton_version = f"unavailable ({type(e).__name__}: {e})"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "fused_lora": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "gpu": gpu,
+        "triton_interpret": dispatch.triton_interpret(),
+        "extension": _ext.ext_error() or "loaded",
+        "extension_build": _ext.build_info(),
+        "backends": dispatch.report(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_lora", description=__doc__)
+    parser.add_argument("command", nargs="?", default="info", choices=["info"])
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for k, v in data.items():
+        if k == "backends":
+            print("backends:")
+            for b, devs in v.items():
+                for d, why in devs.items():
+                    print(f"  {b:7s} {d:5s} {why}")
+        elif k == "extension_build":
+            if v:
+                print(f"extension_build: {json.dumps(v)}")
+        else:
+            print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Build for fused_lora: the Python package, its Triton kernels (``kernels/`` installed as
+``fused_lora.kernels``), its benchmarks (``bench/`` as ``fused_lora.bench``) and the C++/CUDA
+extension ``fused_lora._C`` from ``csrc/``.
+
+Never needs a GPU. The extension gets its CUDA kernels when torch is a CUDA build and a CUDA
+toolkit is found, else it is built CPU-only. Knobs (environment variables):
+
+====================================  ========================================================
+FUSED_LORA_SKIP_EXT=1                 no C++ extension at all (pure Python + Triton install)
+FUSED_LORA_SKIP_CUDA_BUILD=1          build the extension CPU-only even with a CUDA toolkit
+FUSED_LORA_CUDA_ARCHS="80;90"         SASS targets (default 80;90, PTX of the newest is added;
+                                      use 90a for Hopper-only wgmma code)
+CUDA_HOME / CUDA_PATH                 the toolkit; default: CUDA's standard install prefix
+                                      /usr/local/cuda (not derived from the nvcc on PATH,
+                                      which may be a wrapper script)
+MAX_JOBS                              parallel compile jobs; default min(cores, free RAM / 3 GiB)
+NVCC_THREADS                          nvcc --threads (default 2)
+FUSED_LORA_DEBUG=1                    -O0 -g, and -G -lineinfo for device code
+====================================  ========================================================
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit root: CUDA_HOME / CUDA_PATH if set, else the standard prefix.
+
+    torch.utils.cpp_extension guesses the toolkit from `which nvcc`; where nvcc on PATH is a
+    wrapper script (as on our CI machines) that guess is its parent dir, which holds no
+    headers or libraries. So resolve it here and export CUDA_HOME before torch reads it."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and Path(home, "bin", "nvcc").exists():
+            return home
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if Path(home, "bin", "nvcc").exists() and Path(home, "include", "cuda_runtime.h").exists():
+            return str(Path(home).resolve())
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # last resort: follow symlinks (not wrapper scripts) to a real toolkit
+        home = Path(nvcc).resolve().parent.parent
+        if Path(home, "include", "cuda_runtime.h").exists():
+            return str(home)
+    return None
+
+
+def _max_jobs() -> str:
+    if os.environ.get("MAX_JOBS"):
+        return os.environ["MAX_JOBS"]
+    cpus = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        by_mem = max(1, avail_kb // (3 * 1024 * 1024))  # nvcc peaks near 3 GiB per job
+    except (OSError, StopIteration, ValueError):
+        by_mem = 1
+    return str(max(1, min(cpus, by_mem)))
+
+
+def _gencode_flags(archs: str) -> list[str]:
+    flags = []
+    items = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    for a in items:
+        a = a.replace(".", "")
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    if items:
+        newest = items[-1].replace(".", "")
+        flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    return flags
+
+
+def _extensions():
+    """(ext_modules, cmdclass, build_info)."""
+    info: dict = {"extension": False}
+    if _env_flag("FUSED_LORA_SKIP_EXT"):
+        info["reason"] = "FUSED_LORA_SKIP_EXT=1"
+        return [], {}, info
+    cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+    if not cpp_sources:
+        info["reason"] = "no C++ sources in csrc/"
+        return [], {}, info
+
+    cuda_home = None
+    want_cuda = not _env_flag("FUSED_LORA_SKIP_CUDA_BUILD")
+    if want_cuda:
+        cuda_home = _find_cuda_home()
+        if cuda_home:
+            os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    use_cuda = bool(want_cuda and cuda_home and torch.version.cuda and cu_sources)
+    debug = _env_flag("FUSED_LORA_DEBUG")
+    os.environ.setdefault("MAX_JOBS", _max_jobs())
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    archs = os.environ.get("FUSED_LORA_CUDA_ARCHS", "80;90")
+    info.update(
+        extension=True,
+        cuda=use_cuda,
+        cuda_home=cuda_home,
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        archs=archs if use_cuda else None,
+        max_jobs=os.environ["MAX_JOBS"],
+    )
+    if not use_cuda:
+        info["cuda_reason"] = (
+            "FUSED_LORA_SKIP_CUDA_BUILD=1" if not want_cuda
+            else "torch is not a CUDA build" if not torch.version.cuda
+            else "no CUDA toolkit found (set CUDA_HOME)" if not cuda_home
+            else "no .cu sources"
+        )
+        ext = CppExtension(
+            "fused_lora._C", cpp_sources, extra_compile_args={"cxx": cxx}, py_limited_api=True
+        )
+    else:
+        nvcc = ["-O0", "-G", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
+        nvcc += [
+            "-std=c++17",
+            "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "--threads", os.environ.get("NVCC_THREADS", "2"),
+        ] + _gencode_flags(archs)  # explicit -gencode: torch then ignores TORCH_CUDA_ARCH_LIST
+        ext = CUDAExtension(
+            "fused_lora._C",
+            cpp_sources + cu_sources,
+            extra_compile_args={"cxx": cxx + ["-DFUSED_LORA_WITH_CUDA"], "nvcc": nvcc + ["-DFUSED_LORA_WITH_CUDA"]},
+            py_limited_api=True,
+        )
+
+    class _Build(BuildExtension):
+        def run(self):
+            super().run()
+            # Record what was built next to the package (read by `python -m fused_lora info`).
+            for target in {ROOT / "fused_lora", Path(self.build_lib) / "fused_lora"}:
+                if target.exists():
+                    (target / "_build_info.json").write_text(json.dumps(info, indent=2))
+
+    return [ext], {"build_ext": _Build.with_options(use_ninja=True)}, info
+
+
+ext_modules, cmdclass, _info = _extensions()
+print(f"fused_lora build: {json.dumps(_info)}", file=sys.stderr)
+
+setup(
+    packages=["fused_lora", "fused_lora.kernels", "fused_lora.bench"],
+    package_dir={
+        "fused_lora": "fused_lora",
+        "fused_lora.kernels": "kernels",
+        "fused_lora.bench": "bench",
+    },
+    package_data={"fused_lora": ["py.typed", "_build_info.json"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)

@@ -40,7 +40,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import(backend: str) -> tuple[Optional[ModuleType], str]:
     """Import a backend's module once; return (module or None, reason it is unavailable)."""
     try:
@@ -83,10 +83,13 @@ def unavailable_reason(backend: str, device: torch.device, op: str = "lora_linea
     return ""
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, op: str = "lora_linear") -> str:
     """Resolve ``backend`` ("auto" included) to a concrete backend for ``op`` on ``device``.
 
-    Raises ValueError naming the backend when it is unknown or cannot run here."""
+    Raises ValueError naming the backend when it is unknown or cannot run here. Under
+    torch.compile the result is a constant of the traced graph (it depends only on the backend
+    name, the device and what is installed), so resolution costs nothing per call there."""
     if not isinstance(backend, str) or backend not in _CHOICES:
         raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
     if backend != "auto":

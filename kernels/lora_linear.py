@@ -185,30 +185,14 @@ def _lora_shrink_kernel(
     )
 
 
-@triton.autotune(configs=_gemm_configs(small_m=True), key=["M_KEY", "N", "K", "R"])
 @triton.jit
-def _lora_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
-    M, N, K, R, M_KEY,
+def _fwd_gemm(
+    acc, x_ptr, w_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    scale,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    scale, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = x W0^T + b + scale * xa B^T, one [BM, BN] tile per program, y written once."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _grouped_pid(pid, num_m, num_n, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
     # LoRA expand first, as the GEMM's initial accumulator (an extra r-deep K step).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -233,6 +217,88 @@ def _lora_fwd_kernel(
         w = tl.load(w_ptrs + offs_k[:, None] * stride_wk,  # W0^T tile [BK, BN]
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_gemm_fused_shrink(
+    acc, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, pid_n, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_sm, stride_sr, stride_bn, stride_br, scale,
+    INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, A_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptrs + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs + offs_k[:, None] * stride_wk,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        a = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,  # A^T tile
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if A_FP32:
+            xa = tl.dot(x.to(tl.float32), a, xa, input_precision=LORA_PRECISION)
+        else:
+            xa = tl.dot(x, a.to(x.dtype), xa)
+    b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    acc += tl.dot(xa, b.to(tl.float32), input_precision=LORA_PRECISION) * scale
+    if pid_n == 0:
+        tl.store(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, xa,
+                 mask=mask_m[:, None] & mask_r[None, :])
+    return acc
+
+
+@triton.autotune(configs=_gemm_configs(small_m=True), key=["M_KEY", "N", "K", "R"])
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_KEY,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scale,
+    a_ptr, stride_ar, stride_ak,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, A_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y = x W0^T + b + scale * xa B^T, one [BM, BN] tile per program, y written once.
+
+    FUSE_SHRINK=False: xa comes from _lora_shrink_kernel. FUSE_SHRINK=True (no dropout,
+    R <= BLOCK_R): xa = x A^T is accumulated inside the K loop from the x tiles the GEMM loads
+    anyway (no second read of x, one launch fewer), at the price of recomputing it in every
+    N-tile program: + BLOCK_R / BLOCK_N extra MMA work (12.5% at r=16, BN=128). Programs with
+    pid_n == 0 store xa for backward."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _grouped_pid(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_SHRINK:
+        acc = _fwd_gemm_fused_shrink(
+            acc, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, pid_n, K, R,
+            stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+            stride_sm, stride_sr, stride_bn, stride_br, scale,
+            INPUT_PRECISION, LORA_PRECISION, A_FP32, BLOCK_R, BLOCK_M, BLOCK_K,
+        )
+    else:
+        acc = _fwd_gemm(
+            acc, x_ptr, w_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, K, R,
+            stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
+            scale, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, BLOCK_K,
+        )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
@@ -259,8 +325,14 @@ def lora_linear_fwd(
     scale: float,
     dropout_p: float,
     seed: int,
+    shrink: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward; same contract as fused_lora.reference.lora_linear_fwd."""
+    """Triton forward; same contract as fused_lora.reference.lora_linear_fwd.
+
+    shrink: "pre" (xa by _lora_shrink_kernel, then the GEMM) or "fused" (xa inside the GEMM's
+    K loop; only without dropout and for r <= 64, else "pre"). Default: the environment
+    variable FUSED_LORA_FWD_SHRINK, else "pre". Which is faster is shape-dependent and must
+    be measured on the GPU (`python -m fused_lora.bench linear` times both)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -275,13 +347,18 @@ def lora_linear_fwd(
     prec = _fp32_precision()
     a_fp32 = lora_A.dtype == torch.float32
     lora_prec = "tf32x3" if (a_fp32 or x.dtype == torch.float32) and prec == "ieee" else "tf32"
+    shrink = shrink or os.environ.get("FUSED_LORA_FWD_SHRINK", "pre")
+    if shrink not in ("pre", "fused"):
+        raise ValueError(f"shrink must be 'pre' or 'fused', got {shrink!r}")
+    fuse = shrink == "fused" and dropout_p == 0.0 and R <= BLOCK_R
     with torch.cuda.device(x.device) if x.is_cuda else _null():
-        _lora_shrink_kernel[lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](
-            x, lora_A, xa, M, K, R, _m_key(M),
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-            key1, key2, thresh, drop_scale,
-            HAS_DROPOUT=dropout_p > 0.0, A_FP32=a_fp32, LORA_PRECISION=lora_prec, BLOCK_R=BLOCK_R,
-        )
+        if not fuse:
+            _lora_shrink_kernel[lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](
+                x, lora_A, xa, M, K, R, _m_key(M),
+                x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+                key1, key2, thresh, drop_scale,
+                HAS_DROPOUT=dropout_p > 0.0, A_FP32=a_fp32, LORA_PRECISION=lora_prec, BLOCK_R=BLOCK_R,
+            )
         _lora_fwd_kernel[
             lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
         ](
@@ -290,8 +367,9 @@ def lora_linear_fwd(
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
             float(scale),
+            lora_A, lora_A.stride(0), lora_A.stride(1),
             HAS_BIAS=bias is not None, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
-            BLOCK_R=BLOCK_R,
+            FUSE_SHRINK=fuse, A_FP32=a_fp32, BLOCK_R=BLOCK_R,
         )
     return y, xa
 

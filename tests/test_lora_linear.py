@@ -260,3 +260,24 @@ def test_auto_backend_on_cuda_is_a_kernel():
     from fused_lora import dispatch
 
     assert dispatch.resolve("auto", torch.device("cuda")) in ("triton", "cuda")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 70, 50, 5), (64, 33, 129, 16)], ids=str)
+def test_triton_fused_shrink_variant(shape, adapter_dtype):
+    # The in-K-loop shrink ("fused") gives the same y and saved xa as the pre-kernel ("pre").
+    from fused_lora.kernels.lora_linear import lora_linear_fwd
+
+    M, K, N, R = shape
+    x, w, b, a, bb = _inputs(M, K, N, R, torch.float16, adapter_dtype, TRITON_DEVICE)
+    y_pre, xa_pre = lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, shrink="pre")
+    y_fused, xa_fused = lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, shrink="fused")
+    torch.testing.assert_close(xa_fused, xa_pre, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_fused, y_pre, rtol=2e-3, atol=2e-3)
+    y64, xa64 = ref.lora_linear_fwd(x.double(), w.double(), b.double(), a.double(), bb.double(),
+                                    0.5, 0.0, 0)
+    ypt = _eager_chain(x, w, b, a, bb, 0.5, 0.0, 0)
+    assert_close_2x(y_fused, y64, ypt, "y")
+    with pytest.raises(ValueError, match="shrink"):
+        lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, shrink="bogus")

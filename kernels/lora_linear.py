@@ -256,7 +256,7 @@ def _fwd_gemm_fused_shrink(
     return acc
 
 
-@triton.autotune(configs=_gemm_configs(small_m=True), key=["M_KEY", "N", "K", "R"])
+@triton.autotune(configs=_gemm_configs(small_m=True), key=["M_KEY", "N", "K", "R", "FUSE_SHRINK"])
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,

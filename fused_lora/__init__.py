@@ -3,14 +3,36 @@
     y = x W0^T + b + s * (dropout(x) A^T) B^T
 
 Public API: :func:`lora_linear`, :class:`FusedLoRALinear` (one adapter, fused forward and
-backward). Backends: see :mod:`fused_lora.dispatch`; ``python -m fused_lora info`` tells which
-are available here.
+backward); :func:`multi_lora_linear`, :class:`MultiLoRALinear` (mixed-adapter batches);
+:mod:`fused_lora.integrations` (inject into models, PEFT adapters).
+Backends: see :mod:`fused_lora.dispatch`; ``python -m fused_lora info`` tells which are
+available here.
 """
 
 from fused_lora import ops  # noqa: F401  (registers the torch custom ops)
-from fused_lora.functional import lora_linear
-from fused_lora.modules import FusedLoRALinear
+from fused_lora.functional import lora_linear, multi_lora_linear
+from fused_lora.integrations import (
+    adapter_ids,
+    from_peft,
+    inject_lora,
+    load_peft_adapter,
+    load_peft_adapters_multi,
+    lora_state_dict,
+    merge_lora,
+    save_peft_adapter,
+    unmerge_lora,
+)
+from fused_lora.modules import FusedLoRALinear, MultiLoRALinear
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRALinear", "lora_linear", "__version__"]
+__all__ = [
+    # one adapter: fused forward/backward (issue 2)
+    "FusedLoRALinear", "lora_linear",
+    # mixed-adapter batches (issue 3)
+    "MultiLoRALinear", "multi_lora_linear",
+    # model-level integration: injection, PEFT adapters, serving banks (issue 6)
+    "inject_lora", "lora_state_dict", "merge_lora", "unmerge_lora", "load_peft_adapter",
+    "save_peft_adapter", "from_peft", "load_peft_adapters_multi", "adapter_ids",
+    "__version__",
+]

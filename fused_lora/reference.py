@@ -216,7 +216,8 @@ def multi_lora_linear_fwd(
     if bias is not None:
         y = y + bias.to(acc)
     ids = adapter_ids.to(torch.int64)
-    active = ids >= 0
+    # Ids outside [0, n_slots) act as -1 (only reachable with validate=False; never indexed).
+    active = (ids >= 0) & (ids < n_slots)
     xa = torch.zeros(M, r_max, dtype=acc, device=x.device)
     if n_slots == 0 or not bool(active.any()):
         return y.to(x.dtype), xa
@@ -259,7 +260,7 @@ def multi_lora_linear_bwd(
     dA = torch.zeros(lora_A.shape, dtype=acc, device=x.device) if needs_dA else None
     dB = torch.zeros(lora_B.shape, dtype=acc, device=x.device) if needs_dB else None
     ids = adapter_ids.to(torch.int64)
-    active = ids >= 0
+    active = (ids >= 0) & (ids < n_slots)  # out-of-range ids act as -1, as in the forward
     if n_slots > 0 and bool(active.any()):
         live = _rank_mask(ranks, n_slots, r_max, x.device)
         for slot in torch.unique(ids[active]).tolist():
@@ -305,8 +306,8 @@ def multi_lora_linear(
         if bias is not None:
             yt = yt + bias.to(acc)
         i = int(ids[t])
-        if i >= 0:
-            r = lora_A.shape[1] if ranks is None else int(ranks[i])
+        if 0 <= i < lora_A.shape[0]:  # out-of-range ids act as -1
+            r = lora_A.shape[1] if ranks is None else min(int(ranks[i]), lora_A.shape[1])
             if r > 0:
                 yt = yt + scales[i].to(acc) * (
                     (xt @ lora_A[i, :r].to(acc).t()) @ lora_B[i, :, :r].to(acc).t()

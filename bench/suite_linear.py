@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -116,6 +117,10 @@ def impl_names(cfg: H.Config) -> tuple[list[tuple[str, Optional[str]]], dict[str
             skip[name] = why
         else:
             run.append((name, be))
+            if be == "triton":
+                # The forward's other shrink placement (inside the GEMM's K loop): the issue
+                # asks which is faster, so both are timed side by side.
+                run.append(("fused_triton_inloop", be))
     if cfg.cuda:
         skip["fused_torch"] = "the torch backend is the CPU path; on GPU it is unfused_eager in fp32"
     else:
@@ -162,6 +167,20 @@ def build(name: str, backend: Optional[str], W: Tensor, b: Tensor, A: Tensor, B:
         chain = _compiled_chain()
         return Impl(name, lambda x: chain(x, W, b, A_, B_, s), [A_, B_])
     assert backend is not None
+    if name == "fused_triton_inloop":
+        def inloop(x: Tensor) -> Tensor:
+            # The launcher reads FUSED_LORA_FWD_SHRINK per call (captured once under CUDA graphs).
+            old = os.environ.get("FUSED_LORA_FWD_SHRINK")
+            os.environ["FUSED_LORA_FWD_SHRINK"] = "fused"
+            try:
+                return lora_linear(x, W, b, A_, B_, s, backend=backend)
+            finally:
+                if old is None:
+                    del os.environ["FUSED_LORA_FWD_SHRINK"]
+                else:
+                    os.environ["FUSED_LORA_FWD_SHRINK"] = old
+
+        return Impl(name, inloop, [A_, B_], note="shrink inside the GEMM K loop")
     return Impl(name, lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend), [A_, B_],
                 note="C++ CPU kernels" if backend == "cuda" and W.device.type == "cpu" else "")
 

@@ -8,6 +8,9 @@ toolkit is found, else it is built CPU-only. Knobs (environment variables):
 ====================================  ========================================================
 FUSED_LORA_SKIP_EXT=1                 no C++ extension at all (pure Python + Triton install)
 FUSED_LORA_SKIP_CUDA_BUILD=1          build the extension CPU-only even with a CUDA toolkit
+FUSED_LORA_EXT_OPTIONAL=1             a failed extension build installs the package without it
+                                      (the error goes to _build_info.json and `python -m
+                                      fused_lora info`); default: the build fails
 FUSED_LORA_CUDA_ARCHS="80;90"         SASS targets (default 80;90, PTX of the newest is added;
                                       use 90a for Hopper-only wgmma code)
 CUDA_HOME / CUDA_PATH                 the toolkit; default: CUDA's standard install prefix
@@ -26,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from setuptools import setup
@@ -108,8 +112,10 @@ def _extensions():
     use_cuda = bool(want_cuda and cuda_home and torch.version.cuda and cu_sources)
     debug = _env_flag("FUSED_LORA_DEBUG")
     os.environ.setdefault("MAX_JOBS", _max_jobs())
+    # No -std flag: torch.utils.cpp_extension adds the standard its own headers need when none
+    # is given (torch 2.14's ATen.h #errors below C++20), and no -DPy_LIMITED_API: with
+    # py_limited_api=True torch defines it itself (a second definition only warns).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-DPy_LIMITED_API=0x03090000"]
     archs = os.environ.get("FUSED_LORA_CUDA_ARCHS", "80;90")
     info.update(
         extension=True,
@@ -133,7 +139,6 @@ def _extensions():
     else:
         nvcc = ["-O0", "-G", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
         nvcc += [
-            "-std=c++17",
             "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -144,14 +149,28 @@ def _extensions():
         ext = CUDAExtension(
             "fused_lora._C",
             cpp_sources + cu_sources,
-            extra_compile_args={"cxx": cxx + ["-DFUSED_LORA_WITH_CUDA"], "nvcc": nvcc + ["-DFUSED_LORA_WITH_CUDA"]},
+            extra_compile_args={
+                "cxx": cxx + ["-DFUSED_LORA_WITH_CUDA"],
+                "nvcc": nvcc + ["-DFUSED_LORA_WITH_CUDA"],
+            },
             py_limited_api=True,
         )
 
     class _Build(BuildExtension):
         def run(self):
-            super().run()
-            # Record what was built next to the package (read by `python -m fused_lora info`).
+            t0 = time.monotonic()
+            try:
+                super().run()
+            except Exception as e:  # noqa: BLE001
+                if not _env_flag("FUSED_LORA_EXT_OPTIONAL"):
+                    raise
+                # Install without the extension; `python -m fused_lora info` shows why.
+                info.update(extension=False, reason=f"build failed: {type(e).__name__}: {e}")
+                print(f"fused_lora: extension build failed, continuing without it: {e}",
+                      file=sys.stderr)
+            info["build_seconds"] = round(time.monotonic() - t0, 1)
+            # Record what was built next to the package (read by `python -m fused_lora info`);
+            # the source tree's copy is the one an editable install imports.
             for target in {ROOT / "fused_lora", Path(self.build_lib) / "fused_lora"}:
                 if target.exists():
                     (target / "_build_info.json").write_text(json.dumps(info, indent=2))

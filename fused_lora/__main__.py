@@ -30,6 +30,7 @@ def info() -> dict:
         "gpu": gpu,
         "triton_interpret": dispatch.triton_interpret(),
         "extension": _ext.ext_error() or "loaded",
+        "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "extension_build": _ext.build_info(),
         "backends": dispatch.report(),
     }

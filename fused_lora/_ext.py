@@ -26,8 +26,12 @@ else:
 
 
 def ext_error() -> Optional[str]:
-    """None when the extension loaded, else why it did not."""
-    return _ERROR
+    """None when the extension loaded, else why it did not (with the build's own reason, e.g.
+    its compile error, when setup.py recorded one)."""
+    if _ERROR is None:
+        return None
+    reason = build_info().get("reason")
+    return f"{_ERROR} (build: {reason})" if reason and reason not in _ERROR else _ERROR
 
 
 def build_info() -> dict:
@@ -43,6 +47,130 @@ def build_info() -> dict:
 
 def _ns():
     return torch.ops.fused_lora_C
+
+
+# --------------------------------------------------------------------------------------------
+# Backend module for dispatch ("cuda"): same signatures as fused_lora.reference. The C++ ops
+# (csrc/) take the seed as an int and have CPU and CUDA kernels.
+# --------------------------------------------------------------------------------------------
+
+
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_lora_C::lora_linear_fwd; contract of fused_lora.reference.lora_linear_fwd."""
+    y, xa = _ns().lora_linear_fwd(
+        x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed)
+    )
+    return y, xa
+
+
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_lora_C::lora_linear_bwd; contract of fused_lora.reference.lora_linear_bwd."""
+    dx, dA, dB = _ns().lora_linear_bwd(
+        dy, x, weight, lora_A, lora_B, xa, float(scale), float(dropout_p), int(seed),
+        bool(needs_dx), bool(needs_dA), bool(needs_dB),
+    )
+    return dx, dA, dB
+
+
+def multi_lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    ranks: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_lora_C::multi_lora_linear_fwd; contract of reference.multi_lora_linear_fwd."""
+    y, xa = _ns().multi_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks)
+    return y, xa
+
+
+def multi_lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    ranks: Optional[torch.Tensor],
+    xa: torch.Tensor,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_lora_C::multi_lora_linear_bwd; contract of reference.multi_lora_linear_bwd."""
+    dx, dA, dB = _ns().multi_lora_linear_bwd(
+        dy, x, weight, lora_A, lora_B, scales, adapter_ids, ranks, xa,
+        bool(needs_dx), bool(needs_dA), bool(needs_dB),
+    )
+    return dx, dA, dB
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels for the C++ ops, so FakeTensor / torch.compile / opcheck can trace
+    them directly (the fused_lora::* Python ops have their own)."""
+    from fused_lora.reference import acc_dtype
+
+    @torch.library.register_fake("fused_lora_C::lora_linear_fwd")
+    def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+        M = x.shape[0]
+        return x.new_empty(M, weight.shape[0]), x.new_empty(
+            M, lora_A.shape[0], dtype=acc_dtype(x.dtype)
+        )
+
+    @torch.library.register_fake("fused_lora_C::lora_linear_bwd")
+    def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB):
+        dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+        dA = lora_A.new_empty(lora_A.shape) if needs_dA else lora_A.new_empty(0)
+        dB = lora_B.new_empty(lora_B.shape) if needs_dB else lora_B.new_empty(0)
+        return dx, dA, dB
+
+    @torch.library.register_fake("fused_lora_C::multi_lora_linear_fwd")
+    def _(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks):
+        M = x.shape[0]
+        return x.new_empty(M, weight.shape[0]), x.new_empty(
+            M, lora_A.shape[1], dtype=acc_dtype(x.dtype)
+        )
+
+    @torch.library.register_fake("fused_lora_C::multi_lora_linear_bwd")
+    def _(dy, x, weight, lora_A, lora_B, scales, adapter_ids, ranks, xa, needs_dx, needs_dA,
+          needs_dB):
+        dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+        dA = lora_A.new_empty(lora_A.shape) if needs_dA else lora_A.new_empty(0)
+        dB = lora_B.new_empty(lora_B.shape) if needs_dB else lora_B.new_empty(0)
+        return dx, dA, dB
+
+
+if _ERROR is None:
+    try:
+        _register_fakes()
+    except Exception as e:  # noqa: BLE001 - an old .so without these ops: report, don't break import
+        _ERROR = f"extension loaded but its ops are missing or stale ({type(e).__name__}: {e})"
 
 
 def has_op(op: str) -> bool:

@@ -1,0 +1,227 @@
+// Shared by the CPU (lora.cpp) and CUDA (lora_cuda.cu) implementations of the fused_lora_C ops:
+// the op schemas, the dropout hash, and the argument checks (TORCH_CHECK messages name the
+// argument). The contract of every op is fused_lora/reference.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#ifdef __CUDACC__
+#define FL_HD __host__ __device__ __forceinline__
+#else
+#define FL_HD inline
+#endif
+
+namespace fused_lora {
+
+// Op schemas: the Python custom ops fused_lora::* (fused_lora/ops.py) have the same arguments
+// plus a trailing `str backend`, with `Tensor? seed` where these take `int seed`;
+// tests/test_cuda_ext.py::test_schemas_match_python_ops enforces it.
+constexpr const char* kFwdSchema =
+    "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "float scale, float dropout_p, int seed) -> (Tensor, Tensor)";
+constexpr const char* kBwdSchema =
+    "lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
+    "float scale, float dropout_p, int seed, bool needs_dx, bool needs_dA, bool needs_dB) "
+    "-> (Tensor, Tensor, Tensor)";
+
+constexpr const char* kMultiFwdSchema =
+    "multi_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "Tensor scales, Tensor adapter_ids, Tensor? ranks) -> (Tensor, Tensor)";
+constexpr const char* kMultiBwdSchema =
+    "multi_lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "Tensor scales, Tensor adapter_ids, Tensor? ranks, Tensor xa, bool needs_dx, bool needs_dA, "
+    "bool needs_dB) -> (Tensor, Tensor, Tensor)";
+
+// ---- Dropout: fused_lora.reference.dropout_hash, bit for bit ---------------------------------
+// lowbias32 twice; keys are the two 31-bit halves of the 62-bit seed; element (m, k) of an
+// [M, K] input has index m*K + k and is kept iff (hash >> 8) >= round(p * 2^24).
+struct Dropout {
+  uint32_t k1 = 0, k2 = 0, thresh = 0;
+  bool on = false;
+  float scale = 1.f;  // 1 / (1 - p), as fp32 (the reference multiplies an fp32 tensor by it)
+};
+
+inline Dropout make_dropout(double p, int64_t seed) {
+  Dropout d;
+  d.on = p > 0.0;
+  if (d.on) {
+    d.k1 = static_cast<uint32_t>(seed & 0x7FFFFFFF);
+    d.k2 = static_cast<uint32_t>((seed >> 31) & 0x7FFFFFFF);
+    // Python's round() is round-half-even, as is nearbyint in the default rounding mode.
+    d.thresh = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
+    d.scale = static_cast<float>(1.0 / (1.0 - p));
+  }
+  return d;
+}
+
+FL_HD uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+FL_HD bool keep(int64_t index, uint32_t k1, uint32_t k2, uint32_t thresh) {
+  const uint32_t lo = static_cast<uint32_t>(index);
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32);
+  uint32_t h = hash32(lo ^ k1);
+  h = hash32(h ^ (k2 + hi * 0x9E3779B9u));
+  return (h >> 8) >= thresh;
+}
+
+// ---- Argument checks -------------------------------------------------------------------------
+
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+inline void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+                         const at::Tensor& lora_B, double dropout_p) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [M, in_features], got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(lora_A.dim() == 2, "lora_A must be 2-D [r, in_features], got ", lora_A.dim(), "-D");
+  TORCH_CHECK(lora_B.dim() == 2, "lora_B must be 2-D [out_features, r], got ", lora_B.dim(), "-D");
+  TORCH_CHECK(is_kernel_float(x.scalar_type()), "x must be fp16, bf16, fp32 or fp64, got ",
+              x.scalar_type());
+  const int64_t K = x.size(1), N = weight.size(0), R = lora_A.size(0);
+  TORCH_CHECK(weight.size(1) == K, "weight must be [out_features, in_features=", K, "], got ",
+              weight.sizes());
+  TORCH_CHECK(R >= 1, "lora_A must have rank r >= 1, got ", lora_A.sizes());
+  TORCH_CHECK(lora_A.size(1) == K, "lora_A must be [r, in_features=", K, "], got ",
+              lora_A.sizes());
+  TORCH_CHECK(lora_B.size(0) == N && lora_B.size(1) == R, "lora_B must be [out_features=", N,
+              ", r=", R, "], got ", lora_B.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype (", weight.scalar_type(),
+              ") must match x dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(lora_B.scalar_type() == lora_A.scalar_type(), "lora_B dtype (",
+              lora_B.scalar_type(), ") must match lora_A dtype (", lora_A.scalar_type(), ")");
+  TORCH_CHECK(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat,
+              "lora_A dtype (", lora_A.scalar_type(), ") must be x's dtype (", x.scalar_type(),
+              ") or float32");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
+              dropout_p);
+  const auto dev = x.device();
+  TORCH_CHECK(weight.device() == dev, "weight is on ", weight.device(), " but x is on ", dev);
+  TORCH_CHECK(lora_A.device() == dev, "lora_A is on ", lora_A.device(), " but x is on ", dev);
+  TORCH_CHECK(lora_B.device() == dev, "lora_B is on ", lora_B.device(), " but x is on ", dev);
+}
+
+inline void check_fwd(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                      const at::Tensor& lora_B, double dropout_p) {
+  check_common(x, weight, lora_A, lora_B, dropout_p);
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), "bias must be [out_features=",
+                weight.size(0), "], got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "bias dtype (", b.scalar_type(),
+                ") must match x dtype (", x.scalar_type(), ")");
+    TORCH_CHECK(b.device() == x.device(), "bias is on ", b.device(), " but x is on ", x.device());
+  }
+}
+
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa,
+                      double dropout_p) {
+  check_common(x, weight, lora_A, lora_B, dropout_p);
+  const int64_t M = x.size(0), N = weight.size(0), R = lora_A.size(0);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "dy must be [M=", M,
+              ", out_features=", N, "], got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "dy dtype (", dy.scalar_type(),
+              ") must match x dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == R, "xa must be [M=", M, ", r=", R,
+              "], got ", xa.sizes());
+  TORCH_CHECK(xa.scalar_type() == acc_type(x.scalar_type()), "xa must be ",
+              acc_type(x.scalar_type()), " (the forward's accumulation dtype), got ",
+              xa.scalar_type());
+  TORCH_CHECK(dy.device() == x.device(), "dy is on ", dy.device(), " but x is on ", x.device());
+  TORCH_CHECK(xa.device() == x.device(), "xa is on ", xa.device(), " but x is on ", x.device());
+}
+
+// Mixed adapters: x [M, K], weight [N, K], lora_A [S, R, K], lora_B [S, N, R], scales [S],
+// adapter_ids int64 [M], ranks int64 [S] or None.
+inline void check_multi(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                        const at::Tensor& lora_B, const at::Tensor& scales,
+                        const at::Tensor& adapter_ids, const std::optional<at::Tensor>& ranks) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [M, in_features], got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got ",
+              weight.dim(), "-D");
+  TORCH_CHECK(is_kernel_float(x.scalar_type()), "x must be fp16, bf16, fp32 or fp64, got ",
+              x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "weight must be [out_features, in_features=", K, "], got ",
+              weight.sizes());
+  TORCH_CHECK(lora_A.dim() == 3 && lora_A.size(2) == K, "lora_A must be [n_slots, r_max, ",
+              "in_features=", K, "], got ", lora_A.sizes());
+  const int64_t S = lora_A.size(0), R = lora_A.size(1);
+  TORCH_CHECK(lora_B.dim() == 3 && lora_B.size(0) == S && lora_B.size(1) == N &&
+                  lora_B.size(2) == R,
+              "lora_B must be [n_slots=", S, ", out_features=", N, ", r_max=", R, "], got ",
+              lora_B.sizes());
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == S && scales.is_floating_point(),
+              "scales must be a floating [n_slots=", S, "] tensor, got ", scales.scalar_type(),
+              " ", scales.sizes());
+  TORCH_CHECK(adapter_ids.dim() == 1 && adapter_ids.size(0) == M &&
+                  adapter_ids.scalar_type() == at::kLong,
+              "adapter_ids must be int64 [M=", M, "], got ", adapter_ids.scalar_type(), " ",
+              adapter_ids.sizes());
+  if (ranks.has_value())
+    TORCH_CHECK(ranks->dim() == 1 && ranks->size(0) == S && ranks->scalar_type() == at::kLong,
+                "ranks must be int64 [n_slots=", S, "] or None, got ", ranks->scalar_type(), " ",
+                ranks->sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype (", weight.scalar_type(),
+              ") must match x dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(lora_B.scalar_type() == lora_A.scalar_type(), "lora_B dtype (",
+              lora_B.scalar_type(), ") must match lora_A dtype (", lora_A.scalar_type(), ")");
+  TORCH_CHECK(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat,
+              "lora_A dtype (", lora_A.scalar_type(), ") must be x's dtype (", x.scalar_type(),
+              ") or float32");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [out_features=", N,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype (", bias->scalar_type(),
+                ") must match x dtype (", x.scalar_type(), ")");
+  }
+  const auto dev = x.device();
+  TORCH_CHECK(weight.device() == dev, "weight is on ", weight.device(), " but x is on ", dev);
+  TORCH_CHECK(lora_A.device() == dev, "lora_A is on ", lora_A.device(), " but x is on ", dev);
+  TORCH_CHECK(lora_B.device() == dev, "lora_B is on ", lora_B.device(), " but x is on ", dev);
+  TORCH_CHECK(scales.device() == dev, "scales is on ", scales.device(), " but x is on ", dev);
+  TORCH_CHECK(adapter_ids.device() == dev, "adapter_ids is on ", adapter_ids.device(),
+              " but x is on ", dev);
+  if (ranks.has_value())
+    TORCH_CHECK(ranks->device() == dev, "ranks is on ", ranks->device(), " but x is on ", dev);
+  if (bias.has_value())
+    TORCH_CHECK(bias->device() == dev, "bias is on ", bias->device(), " but x is on ", dev);
+}
+
+inline void check_multi_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& lora_A, const at::Tensor& xa) {
+  const int64_t M = x.size(0), N = weight.size(0), R = lora_A.size(1);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "dy must be [M=", M,
+              ", out_features=", N, "], got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "dy dtype (", dy.scalar_type(),
+              ") must match x dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == R, "xa must be [M=", M,
+              ", r_max=", R, "], got ", xa.sizes());
+  TORCH_CHECK(xa.scalar_type() == acc_type(x.scalar_type()), "xa must be ",
+              acc_type(x.scalar_type()), " (the forward's accumulation dtype), got ",
+              xa.scalar_type());
+  TORCH_CHECK(dy.device() == x.device(), "dy is on ", dy.device(), " but x is on ", x.device());
+  TORCH_CHECK(xa.device() == x.device(), "xa is on ", xa.device(), " but x is on ", x.device());
+}
+
+}  // namespace fused_lora

@@ -96,6 +96,15 @@ def check_lora_args(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _unflatten(y: Tensor, lead: torch.Size) -> Tensor:
+    """[M, N] kernel output -> [..., N] without making it an autograd *view* (as F.linear does
+    with aten::_unsafe_view): FSDP2 and in-place ops downstream must not see a view of an
+    intermediate (FSDP2 warns that an in-place op on such a view drops its pre-backward hook)."""
+    if len(lead) == 1:
+        return y
+    return torch.ops.aten._unsafe_view(y.contiguous(), (*lead, y.shape[-1]))
+
+
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype in force for ``device``, or None."""
     if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
@@ -161,7 +170,7 @@ def lora_linear(
     x2d = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
         y, _ = ops.lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scale, p, seed, be)
-    return y.reshape(*lead, weight.shape[0])
+    return _unflatten(y, lead)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,4 +347,4 @@ def multi_lora_linear(
     sc = scales.to(torch.float32)
     with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
         y, _ = ops.multi_lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, sc, ids, rk, be)
-    return y.reshape(*lead, weight.shape[0])
+    return _unflatten(y, lead)

@@ -26,6 +26,7 @@ matmul; "tf32x3" for the r-deep LoRA dots with fp32 adapters).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -351,7 +352,7 @@ def lora_linear_fwd(
     if shrink not in ("pre", "fused"):
         raise ValueError(f"shrink must be 'pre' or 'fused', got {shrink!r}")
     fuse = shrink == "fused" and dropout_p == 0.0 and R <= BLOCK_R
-    with torch.cuda.device(x.device) if x.is_cuda else _null():
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if not fuse:
             _lora_shrink_kernel[lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](
                 x, lora_A, xa, M, K, R, _m_key(M),
@@ -582,7 +583,7 @@ def lora_linear_bwd(
     atomic_db = needs_dB and not deterministic
     ds = torch.empty(M, R, device=x.device, dtype=torch.float32) if need_ds else xa
     db_acc = torch.zeros(N, R, device=x.device, dtype=torch.float32) if atomic_db else dB
-    with torch.cuda.device(x.device) if x.is_cuda else _null():
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if need_ds or atomic_db:
             _lora_bwd_ds_kernel[lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](
                 dy, lora_B, xa, ds, db_acc, M, N, R, _m_key(M),
@@ -626,10 +627,3 @@ def lora_linear_bwd(
         dB.copy_(db_acc)
     return dx, dA, dB
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

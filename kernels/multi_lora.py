@@ -69,6 +69,7 @@ and weight-gradient configs spill 24-1264 stack bytes (fp32 is not the performan
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -83,7 +84,6 @@ from fused_lora.kernels.lora_linear import (
     _fp32_precision,
     _grouped_pid,
     _m_key,
-    _null,
 )
 
 __all__ = ["multi_lora_linear_fwd", "multi_lora_linear_bwd"]
@@ -644,7 +644,7 @@ def multi_lora_linear_fwd(
     ids = _prep_ids(adapter_ids, M)
     shrink_k, gemm_k = _choose_path(M, n_slots, path)
     lora = R > 0 and n_slots > 0
-    with torch.cuda.device(x.device) if x.is_cuda else _null():
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         tiles = None
         if (lora and shrink_k == "sgmv") or gemm_k == "segmented":
             perm, seg_start, seg_len, seg_slot = _segments(ids, n_slots)
@@ -698,7 +698,7 @@ def multi_lora_linear_bwd(
     lora = R > 0 and n_slots > 0
     need_ds = lora and (needs_dx or needs_dA)
     need_tiles = (need_ds and shrink_k == "sgmv") or (needs_dx and gemm_k == "segmented")
-    with torch.cuda.device(x.device) if x.is_cuda else _null():
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         perm = seg_start = seg_len = seg_slot = tiles = None
         if need_tiles or (lora and (needs_dA or needs_dB)):
             perm, seg_start, seg_len, seg_slot = _segments(ids, n_slots)

@@ -429,6 +429,119 @@ def _lora_bwd_ds_kernel(
                  mask=mask_m[:, None] & mask_r[None, :])
 
 
+@triton.jit
+def _bwd_da_program(
+    pid, x_ptr, ds_ptr, da_ptr, M, K, R, num_r,
+    stride_xm, stride_xk, stride_dsm, stride_dsr, stride_dar, stride_dak,
+    key1, key2, drop_thresh, drop_scale,
+    HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dA[r, k] = sum_m ds[m, r] drop(x)[m, k] for one (K-block, R-block), looping over M."""
+    pid_k = pid // num_r
+    pid_r = pid % num_r
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        x = tl.load(
+            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        ).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
+            x = tl.where(keep, x, 0.0)
+        ds_t = tl.load(  # ds^T tile [BR, BM]
+            ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm,
+            mask=mask_r[:, None] & mask_m[None, :], other=0.0,
+        )
+        acc = tl.dot(ds_t, x, acc, input_precision=LORA_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * drop_scale
+    tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+             acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _bwd_db_program(
+    pid, dy_ptr, xa_ptr, db_ptr, M, N, R, num_r,
+    stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr, scale,
+    LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dB[n, r] = scale * sum_m dy[m, n] xa[m, r] for one (N-block, R-block), looping over M
+    (the deterministic path: no atomics)."""
+    pid_n = pid // num_r
+    pid_r = pid % num_r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        dy_t = tl.load(  # dy^T tile [BN, BM]
+            dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :].to(tl.int64) * stride_dym,
+            mask=mask_n[:, None] & mask_m[None, :], other=0.0,
+        ).to(tl.float32)
+        s = tl.load(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(dy_t, s, acc, input_precision=LORA_PRECISION)
+    acc = acc * scale
+    tl.store(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+             acc.to(db_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _bwd_dx_program(
+    pid, dy_ptr, w_ptr, a_ptr, ds_ptr, dx_ptr, M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_dsm, stride_dsr, stride_dxm, stride_dxk,
+    key1, key2, drop_thresh, drop_scale,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One dx tile [BM, BK] = dy W0 + drop'(ds A): the LoRA term is the initial accumulator."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_k = _grouped_pid(pid, num_m, num_k, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(ds, a.to(tl.float32), acc, input_precision=LORA_PRECISION)
+    if HAS_DROPOUT:
+        keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
+        acc = tl.where(keep, acc * drop_scale, 0.0)
+    dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
+    w_ptrs = w_ptr + offs_k[None, :] * stride_wk
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dy = tl.load(dy_ptrs + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs + offs_n[:, None].to(tl.int64) * stride_wn,  # W0 tile [BN, BK]
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(dy.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+    tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+
 @triton.autotune(configs=_gemm_configs(), key=["M_KEY", "N", "K", "R", "NEED_DX", "NEED_DA", "NEED_DB"])
 @triton.jit(do_not_specialize=["key1", "key2", "drop_thresh"])
 def _lora_bwd_kernel(
@@ -456,93 +569,29 @@ def _lora_bwd_kernel(
     num_db = 0
     if NEED_DB:
         num_db = tl.cdiv(N, BLOCK_N) * num_r
-
+    # Each kind of program is its own function: compiled Triton requires a variable assigned
+    # in both arms of a runtime `if` to have one type, and the three tiles differ in shape.
     if pid < num_da:
-        # ---- dA[r, k] = sum_m ds[m, r] drop(x)[m, k]
-        pid_k = pid // num_r
-        pid_r = pid % num_r
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_k = offs_k < K
-        mask_r = offs_r < R
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            x = tl.load(
-                x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
-                mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-            ).to(tl.float32)
-            if HAS_DROPOUT:
-                keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
-                x = tl.where(keep, x, 0.0)
-            ds_t = tl.load(  # ds^T tile [BR, BM]
-                ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm,
-                mask=mask_r[:, None] & mask_m[None, :], other=0.0,
-            )
-            acc = tl.dot(ds_t, x, acc, input_precision=LORA_PRECISION)
-        if HAS_DROPOUT:
-            acc = acc * drop_scale
-        tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-                 acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
+        _bwd_da_program(
+            pid, x_ptr, ds_ptr, da_ptr, M, K, R, num_r,
+            stride_xm, stride_xk, stride_dsm, stride_dsr, stride_dar, stride_dak,
+            key1, key2, drop_thresh, drop_scale,
+            HAS_DROPOUT, LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K,
+        )
     elif pid < num_da + num_db:
-        # ---- dB[n, r] = scale * sum_m dy[m, n] xa[m, r]   (deterministic: no atomics)
-        q = pid - num_da
-        pid_n = q // num_r
-        pid_r = q % num_r
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_n = offs_n < N
-        mask_r = offs_r < R
-        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            dy_t = tl.load(  # dy^T tile [BN, BM]
-                dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :].to(tl.int64) * stride_dym,
-                mask=mask_n[:, None] & mask_m[None, :], other=0.0,
-            ).to(tl.float32)
-            s = tl.load(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            acc = tl.dot(dy_t, s, acc, input_precision=LORA_PRECISION)
-        acc = acc * scale
-        tl.store(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                 acc.to(db_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
+        _bwd_db_program(
+            pid - num_da, dy_ptr, xa_ptr, db_ptr, M, N, R, num_r,
+            stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr, scale,
+            LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
+        )
     elif NEED_DX:
-        # ---- dx tile [BM, BK] = dy W0 + drop'(ds A)
-        q = pid - num_da - num_db
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_K)
-        pid_m, pid_k = _grouped_pid(q, num_m, num_k, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
-        mask_k = offs_k < K
-        lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            lora = tl.dot(ds, a.to(tl.float32), lora, input_precision=LORA_PRECISION)
-        if HAS_DROPOUT:
-            keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
-            lora = tl.where(keep, lora * drop_scale, 0.0)
-        acc = lora
-        dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
-        w_ptrs = w_ptr + offs_k[None, :] * stride_wk
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            dy = tl.load(dy_ptrs + offs_n[None, :] * stride_dyn,
-                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            w = tl.load(w_ptrs + offs_n[:, None].to(tl.int64) * stride_wn,  # W0 tile [BN, BK]
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(dy.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
-        tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
-                 acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+        _bwd_dx_program(
+            pid - num_da - num_db, dy_ptr, w_ptr, a_ptr, ds_ptr, dx_ptr, M, N, K, R,
+            stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
+            stride_dsm, stride_dsr, stride_dxm, stride_dxk,
+            key1, key2, drop_thresh, drop_scale,
+            HAS_DROPOUT, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )
 
 
 def lora_linear_bwd(

@@ -41,6 +41,28 @@ def _check_scalar(name: str, v: object) -> float:
     return v
 
 
+def _check_devices_dtypes(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    others: Optional[dict[str, Optional[Tensor]]] = None,
+) -> None:
+    """One device for every tensor; weight/bias in x's dtype; adapters in x's dtype or fp32."""
+    tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
+               **(others or {})}
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must share a device")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype ({weight.dtype}) must match x dtype ({x.dtype})")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype ({bias.dtype}) must match x dtype ({x.dtype})")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B dtype ({lora_B.dtype}) must match lora_A dtype ({lora_A.dtype})")
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"lora_A/lora_B dtype ({lora_A.dtype}) must be x's dtype ({x.dtype}) or float32"
+        )
+
+
 def check_lora_args(
     x: Tensor,
     weight: Tensor,
@@ -76,22 +98,7 @@ def check_lora_args(
         _check_tensor("bias", bias, 1)
         if bias.shape[0] != out_f:
             raise ValueError(f"bias must be [out_features={out_f}], got {tuple(bias.shape)}")
-    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must share a device")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype ({weight.dtype}) must match x dtype ({x.dtype})")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias dtype ({bias.dtype}) must match x dtype ({x.dtype})")
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B dtype ({lora_B.dtype}) must match lora_A dtype ({lora_A.dtype})")
-    if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(
-            f"lora_A/lora_B dtype ({lora_A.dtype}) must be x's dtype ({x.dtype}) or float32"
-        )
+    _check_devices_dtypes(x, weight, bias, lora_A, lora_B)
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
@@ -256,25 +263,8 @@ def check_multi_lora_args(
             raise TypeError(f"ranks must be an integer tensor, got {ranks.dtype}")
         if tuple(ranks.shape) != (n_slots,):
             raise ValueError(f"ranks must be [n_slots={n_slots}], got {tuple(ranks.shape)}")
-    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "scales": scales,
-               "adapter_ids": adapter_ids}
-    if bias is not None:
-        tensors["bias"] = bias
-    if ranks is not None:
-        tensors["ranks"] = ranks
-    for name, t in tensors.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must share a device")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype ({weight.dtype}) must match x dtype ({x.dtype})")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias dtype ({bias.dtype}) must match x dtype ({x.dtype})")
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B dtype ({lora_B.dtype}) must match lora_A dtype ({lora_A.dtype})")
-    if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(
-            f"lora_A/lora_B dtype ({lora_A.dtype}) must be x's dtype ({x.dtype}) or float32"
-        )
+    _check_devices_dtypes(x, weight, bias, lora_A, lora_B,
+                          {"scales": scales, "adapter_ids": adapter_ids, "ranks": ranks})
     if check_values:
         ids64 = adapter_ids.to(torch.int64)  # int8 ids vs n_slots > 127 must not overflow
         bad = (ids64 < -1) | (ids64 >= n_slots)

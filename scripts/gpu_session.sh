@@ -20,7 +20,10 @@ for stage in $STAGES; do
   case "$stage" in
     build)
       log "build"
+      # The device image has no registry: --no-deps; if pip's editable install is not possible
+      # there (old setuptools), build the extension in place instead.
       MAX_JOBS="${MAX_JOBS:-8}" pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+        || MAX_JOBS="${MAX_JOBS:-8}" python setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 \
         || { rc=1; tail -40 "$OUT/build.log"; }
       python -m fused_lora info --json | tee "$OUT/info.json"
       ;;

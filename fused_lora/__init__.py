@@ -9,9 +9,18 @@ Backends: see :mod:`fused_lora.dispatch`; ``python -m fused_lora info`` tells wh
 available here.
 """
 
-from fused_lora import ops  # noqa: F401  (registers the torch custom ops)
-from fused_lora.functional import lora_linear, multi_lora_linear
-from fused_lora.integrations import (
+import os as _os
+
+# A source checkout used without `pip install` (e.g. after `python setup.py build_ext
+# --inplace`): kernels/ and bench/ sit beside this package and are installed as
+# fused_lora.kernels / fused_lora.bench, so let this package's path reach them too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")) and _root not in __path__:
+    __path__.append(_root)
+
+from fused_lora import ops  # noqa: E402,F401  (registers the torch custom ops)
+from fused_lora.functional import lora_linear, multi_lora_linear  # noqa: E402
+from fused_lora.integrations import (  # noqa: E402
     adapter_ids,
     from_peft,
     inject_lora,
@@ -22,7 +31,7 @@ from fused_lora.integrations import (
     save_peft_adapter,
     unmerge_lora,
 )
-from fused_lora.modules import FusedLoRALinear, MultiLoRALinear
+from fused_lora.modules import FusedLoRALinear, MultiLoRALinear  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -118,6 +118,16 @@ def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, needs_dx, needs
     return dx, dA, dB
 
 
+def _base_grads(dy: Tensor, x: Tensor, weight: Tensor, need_dw: bool, need_db: bool
+                ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of the base weight and bias. They are frozen in LoRA; if a caller does train
+    them, these are the plain linear gradients (unfused: this is never the hot path)."""
+    acc = acc_dtype(x.dtype)
+    dW = (dy.to(acc).t() @ x.to(acc)).to(weight.dtype) if need_dw else None
+    db = dy.to(acc).sum(0).to(dy.dtype) if need_db else None
+    return dW, db
+
+
 def _lora_linear_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, backend = inputs
     _, xa = output
@@ -129,7 +139,7 @@ def _lora_linear_setup_context(ctx, inputs, output):
 def _lora_linear_backward(ctx, dy, _dxa):
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     nx, nw, nb, nA, nB = ctx.needs_input_grad[:5]
-    dx = dA = dB = dW = db = None
+    dx = dA = dB = None
     if nx or nA or nB:
         dx, dA, dB = lora_linear_bwd(
             dy, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed,
@@ -138,13 +148,7 @@ def _lora_linear_backward(ctx, dy, _dxa):
         dx = dx if nx else None
         dA = dA if nA else None
         dB = dB if nB else None
-    # The base weight and bias are frozen in LoRA; if a caller does train them, their
-    # gradients are the plain linear ones (not fused: this is never the hot path).
-    if nw:
-        acc = acc_dtype(x.dtype)
-        dW = (dy.to(acc).t() @ x.to(acc)).to(weight.dtype)
-    if nb and ctx.has_bias:
-        db = dy.to(acc_dtype(dy.dtype)).sum(0).to(dy.dtype)
+    dW, db = _base_grads(dy, x, weight, nw, nb and ctx.has_bias)
     return dx, dW, db, dA, dB, None, None, None, None
 
 
@@ -238,7 +242,7 @@ def _multi_lora_setup_context(ctx, inputs, output):
 def _multi_lora_backward(ctx, dy, _dxa):
     x, weight, lora_A, lora_B, scales, adapter_ids, ranks, xa = ctx.saved_tensors
     nx, nw, nb, nA, nB = ctx.needs_input_grad[:5]
-    dx = dA = dB = dW = db = None
+    dx = dA = dB = None
     if nx or nA or nB:
         dx, dA, dB = multi_lora_linear_bwd(
             dy, x, weight, lora_A, lora_B, scales, adapter_ids, ranks, xa, nx, nA, nB, ctx.backend,
@@ -246,12 +250,7 @@ def _multi_lora_backward(ctx, dy, _dxa):
         dx = dx if nx else None
         dA = dA if nA else None
         dB = dB if nB else None
-    # Frozen base in LoRA; if a caller trains it anyway, the plain linear gradients (unfused).
-    if nw:
-        acc = acc_dtype(x.dtype)
-        dW = (dy.to(acc).t() @ x.to(acc)).to(weight.dtype)
-    if nb and ctx.has_bias:
-        db = dy.to(acc_dtype(dy.dtype)).sum(0).to(dy.dtype)
+    dW, db = _base_grads(dy, x, weight, nw, nb and ctx.has_bias)
     # Scales are not trained (per-adapter alpha / r constants); ids and ranks are integers.
     return dx, dW, db, dA, dB, None, None, None, None
 

@@ -569,3 +569,59 @@ def test_gpu_multi_cuda_graph_replay():
         assert torch.equal(y, y_e) and torch.equal(xa, xa_e)
         for t, e in zip(grads, grads_e):
             assert torch.equal(t, e)
+
+
+def _multi_check(args, dtype, needs=(True, True, True)):
+    """Every output of the CUDA multi ops against fp64, within 2x of the same-dtype reference."""
+    x, w, b, a, bb, scales, ids, rk = args
+    M, N = x.shape[0], w.shape[0]
+    y, xa = C.multi_lora_linear_fwd(*args)
+    d64 = [t.double() if t is not None and t.is_floating_point() else t for t in args]
+    y64, xa64 = reference.multi_lora_linear_fwd(*d64)
+    y_pt, xa_pt = reference.multi_lora_linear_fwd(*args)
+    _check_2x(y, y64, y_pt, "y")
+    _check_2x(xa, xa64, xa_pt, "xa")
+    dy = torch.randn(M, N, device=x.device).to(dtype)
+    got = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa, *needs)
+    ref64 = reference.multi_lora_linear_bwd(dy.double(), *d64[:5], *d64[5:], xa64, *needs)
+    ref_pt = reference.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa_pt, *needs)
+    for g, r64, rpt, name in zip(got, ref64, ref_pt, ("dx", "dA", "dB")):
+        _check_2x(g, r64, rpt, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, S", [(40, 12), (150, 40), (300, 3), (129, 1)])
+def test_gpu_multi_many_slots_per_tile(dtype, M, S):
+    """A 128-row GEMM tile serves up to 4 slots by r-deep passes and gathers the rest per
+    element; M >= 65 sorts rows by slot first (row_map). (40, 12): unsorted tile, > 4 slots;
+    (150, 40): sorted, still > 4 slots per tile; (300, 3) and (129, 1): one or two per tile."""
+    args = list(_multi_args("cuda", dtype, None, M, 72, 136, S, 16, ranks=False))
+    args[6] = torch.randint(-1, S + 2, (M,), device="cuda")  # every slot, -1, out of range
+    _multi_check(tuple(args), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_multi_prefill_cuda_graph_replay():
+    """The prefill path's on-device sort is captured too: new ids replay correctly."""
+    M, S = 150, 6
+    args = _multi_args("cuda", torch.bfloat16, None, M, 64, 48, S, 16)
+    x, w, b, a, bb, scales, ids, rk = args
+    ids.copy_(torch.randint(-1, S, (M,), device="cuda"))
+    dy = torch.randn(M, 48, device="cuda").bfloat16()
+    needs = (True, True, True)
+    C.multi_lora_linear_fwd(*args)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y, xa = C.multi_lora_linear_fwd(*args)
+        grads = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa, *needs)
+    for _ in range(2):
+        ids.copy_(torch.randint(-1, S, (M,), device="cuda"))
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        y_e, xa_e = C.multi_lora_linear_fwd(*args)
+        grads_e = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa_e, *needs)
+        assert torch.equal(y, y_e) and torch.equal(xa, xa_e)
+        for t, e in zip(grads, grads_e):
+            assert torch.equal(t, e)

@@ -1,0 +1,178 @@
+// The one place where the CUDA kernels' device intrinsics, launches, stream and device guard are
+// spelled. The kernel sources (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu) use only what this
+// header and CUDA's plain C++ surface (threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
+// __syncwarp, __shfl_xor_sync, __ballot_sync, __popc, atomicAdd, fmaf, min/max, __half /
+// __nv_bfloat16 conversions, uint4, dim3, static __shared__ arrays) provide, so they build two
+// ways:
+//
+//   * nvcc (FUSED_LORA_WITH_CUDA): the real thing, below.
+//   * FUSED_LORA_SIM (host C++ only, no GPU): csrc/sim/simt_emu.h runs every CUDA thread of a
+//     block as a fiber, with block barriers, warp collectives, cp.async, ldmatrix and mma.sync
+//     emulated from their PTX ISA definitions. tests/test_cuda_sim.py builds the same kernel and
+//     launcher sources that way and checks every op against fused_lora.reference on CPU CI,
+//     because CI has no GPU and a kernel that never ran is not a kernel we ship untested.
+//
+// Interface (both builds):
+//   FL_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)   launch + check the launch
+//   FL_SET_SMEM(kernel, bytes)        opt a kernel in to > 48 KB of dynamic shared memory
+//                                     (call before every launch: it acts once per device)
+//   FL_DYNAMIC_SMEM(name)             declares `unsigned char* name`, the dynamic shared memory
+//   FL_TORCH_LIBRARY_IMPL(m)          registers the kernels: fused_lora_C at the CUDA key (the
+//                                     emulator: fused_lora_sim at the CPU key)
+//   FL_DEVICE_GUARD(tensor)           a device guard for the tensor's device, for the scope
+//   fl_stream_t, FL_STREAM()          the current stream of the guarded device
+//   fl_sm_count()                     SMs of the current device (cached; legal under capture)
+//   fl_current_device()               the current device's index
+//   fl_is_device_tensor(t)            t lives where the kernels run (CUDA; CPU in the emulator)
+//   cp_async16(smem, gmem, pred)      16-byte global->shared copy; zero-fills when !pred
+//   cp_async_commit(), cp_async_wait<N>()
+//   ldmatrix_x4(r, smem) / ldmatrix_x4_trans(r, smem) / ldmatrix_x2(r, smem) /
+//   ldmatrix_x2_trans(r, smem)        ldmatrix.sync.aligned.m8n8.{x4,x2}[.trans].shared.b16
+//   mma_16816<T>(d, a, b)             d += a·b, mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
+//                                     (T = __half or __nv_bfloat16; a: 4 regs, b: 2, d: 4 fp32)
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(FUSED_LORA_SIM)
+
+#include "sim/simt_emu.h"
+
+#else  // nvcc
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <mutex>
+#include <set>
+#include <tuple>
+
+#define FL_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)      \
+  do {                                                               \
+    kernel<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                  \
+  } while (0)
+
+#define FL_SET_SMEM(kernel, bytes) \
+  ::fused_lora::fl_set_smem_once(reinterpret_cast<const void*>(kernel), (bytes))
+
+#define FL_DYNAMIC_SMEM(name)                            \
+  extern __shared__ __align__(128) unsigned char name##_[]; \
+  unsigned char* name = name##_
+
+#define FL_TORCH_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(fused_lora_C, CUDA, m)
+
+#define FL_DEVICE_GUARD(t) const c10::cuda::CUDAGuard fl_device_guard_((t).device())
+
+using fl_stream_t = cudaStream_t;
+#define FL_STREAM() static_cast<cudaStream_t>(c10::cuda::getCurrentCUDAStream())
+
+namespace fused_lora {
+
+inline bool fl_is_device_tensor(const at::Tensor& t) { return t.is_cuda(); }
+
+inline int fl_current_device() {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
+// > 48 KB of dynamic shared memory needs an opt-in per kernel and device; done once per
+// (kernel, device, size), so launches pay a set lookup, not a driver call.
+inline void fl_set_smem_once(const void* kernel, int bytes) {
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, int>> done;
+  const auto key = std::make_tuple(kernel, fl_current_device(), bytes);
+  const std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.insert(key);
+}
+
+// A host attribute query (no sync, legal during graph capture), cached per device.
+inline int fl_sm_count() {
+  static int cache[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && cache[dev] > 0) return cache[dev];
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  n = n > 0 ? n : 1;
+  if (dev < 64) cache[dev] = n;
+  return n;
+}
+
+// ---- cp.async (sm_80+) -------------------------------------------------------------------------
+// The src-size operand 0 makes the copy write 16 zero bytes without reading global memory: tile
+// edges cost no branch and never touch memory past the tensor.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- ldmatrix / mma.sync (sm_80+) --------------------------------------------------------------
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(s));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+}  // namespace fused_lora
+
+#endif  // FUSED_LORA_SIM

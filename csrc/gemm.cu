@@ -1,0 +1,497 @@
+// GEMM kernels shared by the single- and mixed-adapter ops: C = init + P Q^T, where init (the
+// LoRA term, dropout mask, bias) is computed in fp32 in the prologue and becomes the initial
+// accumulator, so C is written once.
+#include "cuda_common.cuh"
+
+namespace fused_lora {
+namespace {
+
+// ---- Tensor-core GEMM: C[M, N] = init + P[M, K] Q^T ---------------------------------------------
+// P row-major (unit inner stride). Q_NK: Q is [N, K] (k contiguous: the forward's W0); else Q is
+// [K, N] (n contiguous: W0 itself in dx = dy W0). 128x128x32 block tile, 8 warps of 64x32, each
+// a 4x4 grid of mma.sync m16n8k16 (fp32 accumulators), operands from shared memory through
+// ldmatrix (.trans for Q as [K, N]), a STAGES-deep cp.async pipeline: while a stage is in the
+// tensor cores the next STAGES-1 are in flight. One stage is 128x128x32 MACs, ~0.14 us on an
+// H100 SM at its dense bf16 peak (989 TFLOPS / 132 SMs), against ~0.6-0.8 us of DRAM latency:
+// 3 stages in flight cover it. 233 registers, no spills (ptxas, sm_90): one 8-warp block per SM;
+// __launch_bounds__(256, 2) would cap it at 128 registers and spills 3 KB, so it is not used.
+// Smem: 80 KB of stages + 18 KB of init staging (tc_smem_bytes).
+//
+// Tile edges: with 16-byte loads possible (extent and pitch multiples of 8, aligned base),
+// chunks past M, N or K are zero-filled by cp.async without touching memory; otherwise every
+// chunk goes through scalar loads (a K % 8 != 0 or misaligned operand); stores are masked.
+//
+// Init (the LoRA term, dropout mask, bias) is computed in fp32 straight into the accumulator
+// fragments while the first stages load: each thread owns rows g, g+8 and columns 2t, 2t+1 of
+// every 16x8 fragment (g = lane/4, t = lane%4, PTX ISA mma.m16n8k16 C layout), and sums L[m, r]
+// Rt[n, r] over ranks staged 16 at a time in shared memory. Mixed adapters: the tile's rows are
+// served one slot at a time (up to MAX_SLOT_PASSES slots, each an r-deep pass over only its own
+// rows); rows of further slots fall back to a per-element gather. With rows sorted by slot
+// (row_map), a tile holds one or two slots.
+constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, STAGES = 4;
+constexpr int LDA = BK + PAD;       // 40 halves = 80 B rows: ldmatrix's 8 row reads hit 8
+                                    // distinct 16-byte bank groups (offsets 80*i mod 128)
+constexpr int LDB_NN = BN + PAD;    // 136 halves = 272 B rows: likewise (272*i mod 128)
+constexpr int LDI = 17;             // fp32 init staging rows: odd stride, conflict-free
+constexpr int MAX_SLOT_PASSES = 4;
+constexpr int A_STAGE = BM * LDA;   // halves
+template <bool Q_NK> constexpr int b_stage() { return Q_NK ? BN * LDA : BK * LDB_NN; }
+template <bool Q_NK> constexpr int tc_smem_bytes() {
+  return STAGES * (A_STAGE + b_stage<Q_NK>()) * 2   // operand stages
+         + (BM + BN) * LDI * 4                       // init staging: L and Rt, 16 ranks
+         + BM * 16 + 16;                             // per-row physical row, slot, done flag
+}
+
+// Two adjacent outputs as one 4-byte store (the pointer is 4-byte aligned).
+__device__ __forceinline__ void store2(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+template <typename T, bool Q_NK>
+__global__ void __launch_bounds__(256) gemm_tc_kernel(
+    const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
+    int vec_q, T* __restrict__ C, int64_t ldc, int vec_c, int M, int N, int K, InitArgs ia) {
+  FL_DYNAMIC_SMEM(smem);
+  T* As = reinterpret_cast<T*>(smem);                        // [STAGES][BM][LDA]
+  T* Bs = As + STAGES * A_STAGE;                             // [STAGES][BN][LDA] or [BK][LDB_NN]
+  float* Ls = reinterpret_cast<float*>(Bs + STAGES * b_stage<Q_NK>());  // [BM][LDI]
+  float* Rs = Ls + BM * LDI;                                 // [BN][LDI]
+  int64_t* row_pm = reinterpret_cast<int64_t*>(Rs + BN * LDI);  // [BM] physical row (row_map)
+  int* row_slot = reinterpret_cast<int*>(row_pm + BM);       // [BM] slot of each row, -1: none
+  int* row_done = row_slot + BM;                             // [BM] LoRA term already added
+  int* cur_slot = row_done + BM;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp >> 2, wn = warp & 3;  // warp tile origin (wm * 64, wn * 32)
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const T zero = from_f<T>(0.f);
+  auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
+  if (tid < BM) row_pm[tid] = m0 + tid < M ? phys(m0 + tid) : 0;  // read after the first sync
+
+  // ---- operand stages ------------------------------------------------------------------------
+  // P: 128 rows x 32 k = 512 16-byte chunks, 2 per thread, rows tid/4 and tid/4 + 64: their
+  // (physical) row pointers are fixed for the whole K loop.
+  const T* prow[2];
+  bool prow_ok[2];
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int64_t gm = m0 + (tid >> 2) + it * 64;
+    prow_ok[it] = gm < M;
+    prow[it] = prow_ok[it] ? P + phys(gm) * ldp : P;
+  }
+  auto load_stage = [&](int stage, int64_t k0) {
+    T* as = As + stage * A_STAGE;
+    T* bs = Bs + stage * b_stage<Q_NK>();
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int row = (tid >> 2) + it * 64, col = (tid & 3) * 8;
+      const int64_t gk = k0 + col;
+      T* dst = as + row * LDA + col;
+      const bool in = prow_ok[it] && gk < K;
+      if (vec_p) {
+        // vec_p implies K % 8 == 0 (a chunk is wholly in or out of K) and a 16-byte aligned P,
+        // so even the unread source of a zero-fill is aligned, as cp.async requires.
+        cp_async16(dst, in ? prow[it] + gk : P, in);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = in && gk + e < K ? prow[it][gk + e] : zero;
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int c = tid + it * 256;
+      if constexpr (Q_NK) {
+        const int row = c >> 2, col = (c & 3) * 8;
+        const int64_t gn = n0 + row, gk = k0 + col;
+        T* dst = bs + row * LDA + col;
+        const bool in = gn < N && gk < K;
+        if (vec_q) {
+          cp_async16(dst, in ? Q + gn * ldq + gk : Q, in);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dst[e] = in && gk + e < K ? Q[gn * ldq + gk + e] : zero;
+        }
+      } else {
+        const int row = c >> 4, col = (c & 15) * 8;
+        const int64_t gk = k0 + row, gn = n0 + col;
+        T* dst = bs + row * LDB_NN + col;
+        const bool in = gk < K && gn < N;
+        if (vec_q) {
+          cp_async16(dst, in ? Q + gk * ldq + gn : Q, in);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dst[e] = in && gn + e < N ? Q[gk * ldq + gn + e] : zero;
+        }
+      }
+    }
+  };
+
+  const int nk = (K + BK - 1) / BK;
+  // Prologue: STAGES-1 stages in flight (one commit group each, empty past K) before the init.
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load_stage(s, static_cast<int64_t>(s) * BK);
+    cp_async_commit();
+  }
+
+  // ---- init: the LoRA term in the accumulator layout -----------------------------------------
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // One r-deep pass: acc += sum_r Ls[row, r] * Rs[col, r] over ranks [0, re), 16 at a time,
+  // Ls / Rs filled by the two loaders (row / col within the tile, rank) -> fp32.
+  auto rank_pass = [&](int re, auto&& load_l, auto&& load_r) {
+    for (int r0 = 0; r0 < re; r0 += 16) {
+      for (int i = tid; i < BM * 16; i += 256) {
+        const int mm = i >> 4, rr = i & 15;
+        Ls[mm * LDI + rr] = r0 + rr < re ? load_l(mm, r0 + rr) : 0.f;
+      }
+      for (int i = tid; i < BN * 16; i += 256) {
+        const int nn = i >> 4, rr = i & 15;
+        Rs[nn * LDI + rr] = r0 + rr < re ? load_r(nn, r0 + rr) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float lv[16];
+          const float* lrow = Ls + (wm * 64 + i * 16 + g + h * 8) * LDI;
+#pragma unroll
+          for (int rr = 0; rr < 16; ++rr) lv[rr] = lrow[rr];
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float* rrow = Rs + (wn * 32 + j * 8 + t4 * 2 + e) * LDI;
+              float a = acc[i][j][h * 2 + e];
+#pragma unroll
+              for (int rr = 0; rr < 16; ++rr) a = fmaf(lv[rr], rrow[rr], a);
+              acc[i][j][h * 2 + e] = a;
+            }
+        }
+      __syncthreads();
+    }
+  };
+  auto load_rt = [&](int64_t slot_off, int nn, int r) -> float {
+    const int64_t n = n0 + nn;
+    return n < N ? ldf(ia.Rt, slot_off + n * ia.srt_n + r * ia.srt_r, ia.rt_dt) : 0.f;
+  };
+
+  __syncthreads();  // row_pm
+  if (ia.ids == nullptr) {
+    rank_pass(
+        ia.R,
+        [&](int mm, int r) -> float {
+          const int64_t m = m0 + mm;
+          return m < M ? ia.L[row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
+        },
+        [&](int nn, int r) -> float { return load_rt(0, nn, r); });
+  } else {
+    if (tid < BM) {
+      const int64_t m = m0 + tid;
+      int64_t id = m < M ? ia.ids[row_pm[tid]] : -1;
+      if (id < 0 || id >= ia.n_slots || live_ranks(ia.ranks, id, ia.R) == 0) id = -1;
+      row_slot[tid] = static_cast<int>(id);
+      row_done[tid] = id < 0;
+    }
+    __syncthreads();
+    for (int pass = 0; pass < MAX_SLOT_PASSES; ++pass) {
+      if (tid == 0) {  // the slot of the first row still to serve (deterministic order)
+        int cur = -1;
+        for (int mm = 0; mm < BM && cur < 0; ++mm)
+          if (!row_done[mm]) cur = row_slot[mm];
+        *cur_slot = cur;
+      }
+      __syncthreads();
+      const int cur = *cur_slot;
+      if (cur < 0) break;  // uniform: every thread read the same value
+      const float sc = ia.row_scale != nullptr ? ia.row_scale[cur] : 1.f;
+      rank_pass(
+          live_ranks(ia.ranks, cur, ia.R),
+          [&](int mm, int r) -> float {
+            return row_slot[mm] == cur ? sc * ia.L[row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
+          },
+          [&](int nn, int r) -> float { return load_rt(cur * ia.srt_s, nn, r); });
+      if (tid < BM && row_slot[tid] == cur) row_done[tid] = 1;
+      __syncthreads();
+    }
+  }
+  // alpha, dropout, the gather fallback for rows of slots past MAX_SLOT_PASSES, bias.
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int mm = wm * 64 + i * 16 + g + h * 8;
+      const int64_t m = m0 + mm;
+      if (m >= M) continue;
+      const int64_t pm = row_pm[mm];
+      const bool gather = ia.ids != nullptr && !row_done[mm];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t n = n0 + wn * 32 + j * 8 + t4 * 2 + e;
+          if (n >= N) continue;
+          float v = acc[i][j][h * 2 + e];
+          if (gather) v += gather_sum(ia, pm, n);
+          v *= ia.alpha;
+          if (ia.drop.on && !keep(pm * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) v = 0.f;
+          if (ia.bias != nullptr) v += ldf(ia.bias, n * ia.s_bias, ia.bias_dt);
+          acc[i][j][h * 2 + e] = v;
+        }
+    }
+
+  // ---- main loop -----------------------------------------------------------------------------
+  // ldmatrix addresses: lane l gives row l%8 of 8x8 matrix l/8. A (16x16 at (r, k)): matrices
+  // (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a0..a3.
+  // Q_NK (B stored [n][k]): (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+  // = {b0, b1} of n-tile 2jj, {b0, b1} of n-tile 2jj+1. [K][N] with .trans: (k 0-7, n 0-7),
+  // (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), the same registers.
+  const int lq = lane >> 3, lr = lane & 7;
+  const int a_off = (wm * 64 + lr + (lq & 1) * 8) * LDA + (lq >> 1) * 8;
+  const int b_off = Q_NK ? (wn * 32 + lr + (lq >> 1) * 8) * LDA + (lq & 1) * 8
+                         : (lr + (lq & 1) * 8) * LDB_NN + wn * 32 + (lq >> 1) * 8;
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<STAGES - 2>();  // stage kt has landed (for this thread) ...
+    __syncthreads();              // ... for every thread; stage kt-1 is free for reuse
+    if (kt + STAGES - 1 < nk)
+      load_stage((kt + STAGES - 1) % STAGES, static_cast<int64_t>(kt + STAGES - 1) * BK);
+    cp_async_commit();
+    const T* as = As + (kt % STAGES) * A_STAGE;
+    const T* bs = Bs + (kt % STAGES) * b_stage<Q_NK>();
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      uint32_t a[4][4], b[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ldmatrix_x4(a[i], as + a_off + i * 16 * LDA + ks);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t r[4];
+        if constexpr (Q_NK)
+          ldmatrix_x4(r, bs + b_off + jj * 16 * LDA + ks);
+        else
+          ldmatrix_x4_trans(r, bs + b_off + ks * LDB_NN + jj * 16);
+        b[2 * jj][0] = r[0];
+        b[2 * jj][1] = r[1];
+        b[2 * jj + 1][0] = r[2];
+        b[2 * jj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: C written once; a thread's two adjacent columns go out as one 4-byte store --
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int mm = wm * 64 + i * 16 + g + h * 8;
+      if (m0 + mm >= M) continue;
+      T* crow = C + row_pm[mm] * ldc;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t n = n0 + wn * 32 + j * 8 + t4 * 2;
+        const float v0 = acc[i][j][h * 2], v1 = acc[i][j][h * 2 + 1];
+        if (vec_c && n + 1 < N) {
+          store2(crow + n, v0, v1);
+        } else {
+          if (n < N) crow[n] = from_f<T>(v0);
+          if (n + 1 < N) crow[n + 1] = from_f<T>(v1);
+        }
+      }
+    }
+}
+
+// ---- fp32 GEMM (SIMT, IEEE fp32 like the Triton path's "ieee"): C = init + P Q^T --------------
+// Arbitrary strides; Q element (n, k) at n*sq_n + k*sq_k. 64x64x16 tile, 4x4 outputs per
+// thread at stride 16 (conflict-free shared reads).
+__global__ void __launch_bounds__(256) gemm_simt_kernel(
+    const float* __restrict__ P, int64_t sp_m, int64_t sp_k, const float* __restrict__ Q,
+    int64_t sq_n, int64_t sq_k, float* __restrict__ C, int64_t ldc, int M, int N, int K,
+    InitArgs ia) {
+  __shared__ float Ps[16][64 + 1];
+  __shared__ float Qs[16][64 + 1];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * 64;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * 64;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    for (int i = tid; i < 64 * 16; i += 256) {
+      const int kk = i & 15, rr = i >> 4;
+      const int64_t k = k0 + kk, m = m0 + rr, n = n0 + rr;
+      Ps[kk][rr] = (m < M && k < K) ? P[m * sp_m + k * sp_k] : 0.f;
+      Qs[kk][rr] = (n < N && k < K) ? Q[n * sq_n + k * sq_k] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = Ps[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Qs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m0 + ty + 16 * i;
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + tx + 16 * j;
+      if (n >= N) continue;
+      float l = 0.f;
+      if (ia.ids != nullptr) {
+        l = gather_sum(ia, m, n);
+      } else {
+        for (int r = 0; r < ia.R; ++r)
+          l = fmaf(ia.L[m * ia.sl_m + r * ia.sl_r],
+                   ldf(ia.Rt, n * ia.srt_n + r * ia.srt_r, ia.rt_dt), l);
+      }
+      l *= ia.alpha;
+      if (ia.drop.on && !keep(m * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) l = 0.f;
+      if (ia.bias != nullptr) l += ldf(ia.bias, n * ia.s_bias, ia.bias_dt);
+      C[m * ldc + n] = l + acc[i][j];
+    }
+  }
+}
+
+// ---- decode-sized forward (M <= 8): C[m, n] = init + sum_k P[m, k] W[n, k] ----------------------
+// At M <= 8 the 128x128 tile kernel would launch N/128 blocks (32 for N = 4096) on 132 SMs and
+// stream W through a fraction of them; this is bound by reading W once, so one warp per output
+// column n streams W's row n with 16-byte loads (8 halves per lane) when aligned, with the few
+// rows of x served from L1. Sums are warp-reduced in fp32; init as in the GEMMs.
+constexpr int GEMV_MAX_M = 8;
+
+__global__ void __launch_bounds__(256) gemv_kernel(
+    const void* __restrict__ P, int64_t sp_m, const void* __restrict__ W, int64_t sw_n, int dt,
+    int vec, void* __restrict__ C, int64_t ldc, int M, int N, int K, InitArgs ia) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * 8 + warp;
+  if (n >= N) return;
+  float acc[GEMV_MAX_M];
+#pragma unroll
+  for (int m = 0; m < GEMV_MAX_M; ++m) acc[m] = 0.f;
+  const int64_t K8 = (K / 8) * 8;  // P and W have unit inner stride here
+  for (int64_t k = static_cast<int64_t>(lane) * 8; k < K8; k += 256) {
+    float w[8];
+    load8(W, n * sw_n + k, dt, vec, w);
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m) {
+      if (m < M) {
+        float xv[8];
+        load8(P, m * sp_m + k, dt, vec, xv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[m] = fmaf(xv[e], w[e], acc[m]);
+      }
+    }
+  }
+  for (int64_t k = K8 + lane; k < K; k += 32) {  // the K % 8 tail
+    const float w = ldf(W, n * sw_n + k, dt);
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m)
+      if (m < M) acc[m] = fmaf(ldf(P, m * sp_m + k, dt), w, acc[m]);
+  }
+#pragma unroll
+  for (int m = 0; m < GEMV_MAX_M; ++m) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+  }
+  if (lane < M) {  // lane m writes row m (static indexing into acc: no local memory)
+    float v = 0.f;
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m)
+      if (m == lane) v = acc[m];
+    const int64_t m = lane;
+    float l = 0.f;
+    if (ia.ids != nullptr) {
+      l = gather_sum(ia, m, n);
+    } else {
+      for (int r = 0; r < ia.R; ++r)
+        l = fmaf(ia.L[m * ia.sl_m + r * ia.sl_r], ldf(ia.Rt, n * ia.srt_n + r * ia.srt_r, ia.rt_dt),
+                 l);
+    }
+    l *= ia.alpha;
+    if (ia.drop.on && !keep(m * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) l = 0.f;
+    if (ia.bias != nullptr) l += ldf(ia.bias, n * ia.s_bias, ia.bias_dt);
+    stf(C, m * ldc + n, dt, v + l);
+  }
+}
+
+}  // namespace
+
+void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor& C,
+                 const InitArgs& ia, fl_stream_t stream) {
+  const int64_t M = P.size(0), K = P.size(1), N = C.size(1);
+  if (q_nk && M <= GEMV_MAX_M) {
+    const at::Tensor Pc = unit_inner(P), Qc = unit_inner(Q);
+    const int dt = dt_code(P.scalar_type());
+    const int vec = dt != kF32 && Pc.stride(0) % 8 == 0 && Qc.stride(0) % 8 == 0 &&
+                    aligned16(Pc) && aligned16(Qc);
+    FL_LAUNCH(gemv_kernel, cdiv(N, 8), 256, 0, stream,
+        Pc.data_ptr(), Pc.stride(0), Qc.data_ptr(), Qc.stride(0), dt, vec, C.data_ptr(),
+        C.stride(0), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), ia);
+    return;
+  }
+  if (P.scalar_type() == at::kFloat) {
+    const int64_t sq_n = q_nk ? Q.stride(0) : Q.stride(1);
+    const int64_t sq_k = q_nk ? Q.stride(1) : Q.stride(0);
+    dim3 grid(cdiv(M, 64), cdiv(N, 64));
+    TORCH_CHECK(grid.y <= 65535, "out_features too large for the fp32 kernel");
+    FL_LAUNCH(gemm_simt_kernel, grid, 256, 0, stream,
+        P.data_ptr<float>(), P.stride(0), P.stride(1), Q.data_ptr<float>(), sq_n, sq_k,
+        C.data_ptr<float>(), C.stride(0), static_cast<int>(M), static_cast<int>(N),
+        static_cast<int>(K), ia);
+    return;
+  }
+  const at::Tensor Pc = unit_inner(P), Qc = unit_inner(Q);
+  // 16-byte chunks need the chunked extent and the row pitch in multiples of 8 elements and a
+  // 16-byte aligned base; pair stores need an even pitch and 4-byte alignment.
+  const int vec_p = K % 8 == 0 && Pc.stride(0) % 8 == 0 && aligned16(Pc);
+  const int vec_q = (q_nk ? K : N) % 8 == 0 && Qc.stride(0) % 8 == 0 && aligned16(Qc);
+  const int vec_c = C.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(C.data_ptr()) % 4 == 0;
+  dim3 grid(cdiv(M, BM), cdiv(N, BN));
+  TORCH_CHECK(grid.y <= 65535, "out_features too large for the tensor-core kernel");
+  auto launch = [&](auto tag, auto q_nk_tag) {
+    using T = decltype(tag);
+    constexpr bool kQnk = decltype(q_nk_tag)::value;
+    constexpr int smem = tc_smem_bytes<kQnk>();
+    auto kern = gemm_tc_kernel<T, kQnk>;
+    FL_SET_SMEM(kern, smem);
+    FL_LAUNCH(kern, grid, 256, smem, stream, reinterpret_cast<const T*>(Pc.data_ptr()),
+              Pc.stride(0), vec_p, reinterpret_cast<const T*>(Qc.data_ptr()), Qc.stride(0),
+              vec_q, reinterpret_cast<T*>(C.data_ptr()), C.stride(0), vec_c, static_cast<int>(M),
+              static_cast<int>(N), static_cast<int>(K), ia);
+  };
+  const bool half = P.scalar_type() == at::kHalf;
+  if (half && q_nk) launch(__half{}, std::true_type{});
+  else if (half) launch(__half{}, std::false_type{});
+  else if (q_nk) launch(__nv_bfloat16{}, std::true_type{});
+  else launch(__nv_bfloat16{}, std::false_type{});
+}
+
+}  // namespace fused_lora

@@ -188,7 +188,7 @@ setup(
         "fused_lora.kernels": "kernels",
         "fused_lora.bench": "bench",
     },
-    package_data={"fused_lora": ["py.typed", "_build_info.json"]},
+    package_data={"fused_lora": ["py.typed", "_build_info.json", "dispatch_table.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

@@ -27,9 +27,10 @@ SUITES: dict[str, str] = {
     "adapters": "LoRA paper appendix B: GPT-2 medium with Adapter^H / Adapter^L vs LoRA, % slowdown",
     "multi": "mixed-adapter batches (decode, prefill): fused vs loop vs gather+bmm vs PEFT",
     "train": "small Llama-shaped decoder, LoRA on all linears: training tokens/s, peak memory",
+    "dispatch": "Triton vs CUDA per op/mode/rows: the table backend='auto' follows (written on a GPU)",
 }
 _MODULES = {"linear": "suite_linear", "adapters": "suite_adapters", "multi": "suite_multi",
-            "train": "suite_train"}
+            "train": "suite_train", "dispatch": "suite_dispatch"}
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -114,6 +115,8 @@ def run_suite(name: str, cfg: H.Config, stamp: str) -> dict[str, Any]:
     if extra:
         env.update(extra)
     files = H.write_results(scfg, name, env, rows, stamp)
+    if hasattr(mod, "after_write"):
+        mod.after_write(scfg, rows, env, files)
     if cfg.plots and rows and hasattr(mod, "plot"):
         if H.have_matplotlib():
             png = files[0].with_suffix(".png")

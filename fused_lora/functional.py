@@ -119,6 +119,23 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def _mode(*tensors: Optional[Tensor]) -> str:
+    """"fwd+bwd" when autograd will run a backward through the op, else "fwd" (dispatch)."""
+    grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    return "fwd+bwd" if grad else "fwd"
+
+
+def _rows(x: Tensor) -> int:
+    """Tokens in the call, for the dispatch table; 0 (unknown) for a symbolic size under
+    torch.compile with dynamic shapes, which must not be specialized on for a backend choice."""
+    rows = 1
+    for d in x.shape[:-1]:
+        if not isinstance(d, int):
+            return 0
+        rows *= d
+    return rows
+
+
 def draw_seed() -> Tensor:
     """A dropout seed in [0, 2^62) from torch's CPU generator (so torch.manual_seed and
     activation checkpointing, which saves and restores the CPU RNG state, reproduce it)."""
@@ -168,7 +185,8 @@ def lora_linear(
     dropout_p = _check_scalar("dropout_p", dropout_p)
     scale = _check_scalar("scale", scale)
     check_lora_args(x, weight, bias, lora_A, lora_B, dropout_p)
-    be = dispatch.resolve(backend, x.device, "lora_linear")
+    be = dispatch.resolve(backend, x.device, "lora_linear", _mode(x, weight, bias, lora_A, lora_B),
+                          _rows(x), x.dtype)
     if be != "torch" and x.dtype not in _KERNEL_FLOATS:
         raise TypeError(f"x dtype {x.dtype} is only supported by backend='torch'")
     p = dropout_p if training else 0.0
@@ -327,7 +345,8 @@ def multi_lora_linear(
         x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks,
         check_values=bool(validate) and _value_checks_allowed(x.device),
     )
-    be = dispatch.resolve(backend, x.device, "multi_lora_linear")
+    be = dispatch.resolve(backend, x.device, "multi_lora_linear",
+                          _mode(x, weight, bias, lora_A, lora_B), _rows(x), x.dtype)
     if be != "torch" and x.dtype not in _KERNEL_FLOATS:
         raise TypeError(f"x dtype {x.dtype} is only supported by backend='torch'")
     lead = x.shape[:-1]

@@ -4,7 +4,8 @@
 #   build   : the extension with its CUDA kernels (no registry on the device: --no-deps)
 #   tests   : the whole suite on CUDA tensors (bf16, autotuned configs, CUDA graphs, CUDA ext)
 #   sanitize: compute-sanitizer memcheck over the CUDA extension's GPU tests
-#   bench   : python -m fused_lora.bench --quick (JSON/CSV/PNG with GPU name and versions)
+#   bench   : python -m fused_lora.bench --quick (JSON/CSV/PNG with GPU name and versions;
+#             its dispatch suite also rewrites fused_lora/dispatch_table.json, copied to $OUT)
 # Logs and results go to $OUT (the device tool brings that folder back); bench results also to
 # bench/results/ in the working copy.
 set -uo pipefail
@@ -41,6 +42,9 @@ for stage in $STAGES; do
       log "bench: python -m fused_lora.bench --quick"
       python -m fused_lora.bench --quick --out "$OUT/results" > "$OUT/bench.log" 2>&1 || rc=1
       mkdir -p bench/results && cp "$OUT"/results/* bench/results/ 2>/dev/null
+      # The dispatch suite folded its Triton-vs-CUDA timings into the table "auto" follows:
+      # bring it back with the results (commit both).
+      cp fused_lora/dispatch_table.json "$OUT/dispatch_table.json"
       tail -60 "$OUT/bench.log"
       ;;
     *) echo "unknown stage $stage"; rc=2 ;;

@@ -13,8 +13,8 @@ namespace {
 // ldmatrix (.trans for Q as [K, N]), a STAGES-deep cp.async pipeline: while a stage is in the
 // tensor cores the next STAGES-1 are in flight. One stage is 128x128x32 MACs, ~0.14 us on an
 // H100 SM at its dense bf16 peak (989 TFLOPS / 132 SMs), against ~0.6-0.8 us of DRAM latency:
-// 3 stages in flight cover it. 233 registers, no spills (ptxas, sm_90): one 8-warp block per SM;
-// __launch_bounds__(256, 2) would cap it at 128 registers and spills 3 KB, so it is not used.
+// 3 stages in flight cover it. 231-234 registers, no spills (ptxas, sm_90): one 8-warp block
+// per SM; __launch_bounds__(256, 2) would cap it at 128 registers and spill 3 KB: not used.
 // Smem: 80 KB of stages + 18 KB of init staging (tc_smem_bytes).
 //
 // Tile edges: with 16-byte loads possible (extent and pitch multiples of 8, aligned base),
@@ -34,6 +34,7 @@ constexpr int LDA = BK + PAD;       // 40 halves = 80 B rows: ldmatrix's 8 row r
 constexpr int LDB_NN = BN + PAD;    // 136 halves = 272 B rows: likewise (272*i mod 128)
 constexpr int LDI = 17;             // fp32 init staging rows: odd stride, conflict-free
 constexpr int MAX_SLOT_PASSES = 4;
+constexpr int kMaxSplits = 16;       // split-K: partial traffic grows with the count
 constexpr int A_STAGE = BM * LDA;   // halves
 template <bool Q_NK> constexpr int b_stage() { return Q_NK ? BN * LDA : BK * LDB_NN; }
 template <bool Q_NK> constexpr int tc_smem_bytes() {
@@ -53,7 +54,8 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
 template <typename T, bool Q_NK>
 __global__ void __launch_bounds__(256) gemm_tc_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
-    int vec_q, T* __restrict__ C, int64_t ldc, int vec_c, int M, int N, int K, InitArgs ia) {
+    int vec_q, T* __restrict__ C, int64_t ldc, int vec_c, int M, int N, int K, InitArgs ia,
+    float* __restrict__ part, int k_split) {
   FL_DYNAMIC_SMEM(smem);
   T* As = reinterpret_cast<T*>(smem);                        // [STAGES][BM][LDA]
   T* Bs = As + STAGES * A_STAGE;                             // [STAGES][BN][LDA] or [BK][LDB_NN]
@@ -131,11 +133,15 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
     }
   };
 
-  const int nk = (K + BK - 1) / BK;
+  // Split-K (part != nullptr): block z sums k in [z * k_split, (z + 1) * k_split), k_split a
+  // multiple of BK, so its tiles never reach into the next split's range; split 0 alone
+  // carries the init.
+  const int64_t kb = static_cast<int64_t>(blockIdx.z) * k_split;
+  const int nk = static_cast<int>((min(static_cast<int64_t>(K), kb + k_split) - kb + BK - 1) / BK);
   // Prologue: STAGES-1 stages in flight (one commit group each, empty past K) before the init.
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nk) load_stage(s, static_cast<int64_t>(s) * BK);
+    if (s < nk) load_stage(s, kb + static_cast<int64_t>(s) * BK);
     cp_async_commit();
   }
 
@@ -189,6 +195,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   };
 
   __syncthreads();  // row_pm
+  if (blockIdx.z == 0) {  // block-uniform: the init's barriers are reached by all or none
   if (ia.ids == nullptr) {
     rank_pass(
         ia.R,
@@ -251,6 +258,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
           acc[i][j][h * 2 + e] = v;
         }
     }
+  }  // blockIdx.z == 0
 
   // ---- main loop -----------------------------------------------------------------------------
   // ldmatrix addresses: lane l gives row l%8 of 8x8 matrix l/8. A (16x16 at (r, k)): matrices
@@ -266,7 +274,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
     cp_async_wait<STAGES - 2>();  // stage kt has landed (for this thread) ...
     __syncthreads();              // ... for every thread; stage kt-1 is free for reuse
     if (kt + STAGES - 1 < nk)
-      load_stage((kt + STAGES - 1) % STAGES, static_cast<int64_t>(kt + STAGES - 1) * BK);
+      load_stage((kt + STAGES - 1) % STAGES, kb + static_cast<int64_t>(kt + STAGES - 1) * BK);
     cp_async_commit();
     const T* as = As + (kt % STAGES) * A_STAGE;
     const T* bs = Bs + (kt % STAGES) * b_stage<Q_NK>();
@@ -296,6 +304,24 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   cp_async_wait<0>();
 
   // ---- epilogue: C written once; a thread's two adjacent columns go out as one 4-byte store --
+  if (part != nullptr) {  // split-K: fp32 partials [splits, M, N] at physical rows
+    float* prow_base = part + static_cast<int64_t>(blockIdx.z) * M * N;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int mm = wm * 64 + i * 16 + g + h * 8;
+        if (m0 + mm >= M) continue;
+        float* prow = prow_base + row_pm[mm] * N;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int64_t n = n0 + wn * 32 + j * 8 + t4 * 2;
+          if (n < N) prow[n] = acc[i][j][h * 2];
+          if (n + 1 < N) prow[n + 1] = acc[i][j][h * 2 + 1];
+        }
+      }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -315,6 +341,19 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
         }
       }
     }
+}
+
+// C[m, n] = sum_z part[z, m, n], z in order (deterministic), rounded once to T.
+template <typename T>
+__global__ void __launch_bounds__(256) splitk_finalize_kernel(
+    const float* __restrict__ part, int splits, int64_t M, int64_t N, T* __restrict__ C,
+    int64_t ldc) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * N) return;
+  const int64_t m = idx / N, n = idx % N;
+  float s = 0.f;
+  for (int z = 0; z < splits; ++z) s += part[z * M * N + idx];
+  C[m * ldc + n] = from_f<T>(s);
 }
 
 // ---- fp32 GEMM (SIMT, IEEE fp32 like the Triton path's "ieee"): C = init + P Q^T --------------
@@ -476,6 +515,19 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
   const int vec_c = C.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(C.data_ptr()) % 4 == 0;
   dim3 grid(cdiv(M, BM), cdiv(N, BN));
   TORCH_CHECK(grid.y <= 65535, "out_features too large for the tensor-core kernel");
+  // Split-K when the tiles do not fill the GPU: decode and small batches (M = 16, N = 4096 is
+  // 32 tiles on 132 SMs, each streaming 1/32 of W0 through one SM, far from the HBM
+  // bandwidth) get up to one block per SM (~233 registers: one fits), each split >= 4 k-tiles so
+  // the 4-stage pipeline fills. Partials cost splits x M x N x 4 bytes (5 MB at M = 64,
+  // N = 4096, 5 splits) against W0's 32 MB, summed in order by splitk_finalize_kernel.
+  const int tiles = static_cast<int>(grid.x * grid.y);
+  int splits = std::min({cdiv(fl_sm_count(), tiles), std::max(1, static_cast<int>(K / (4 * BK))),
+                         kMaxSplits});
+  const int k_split = cdiv(cdiv(K, std::max(splits, 1)), BK) * BK;
+  splits = cdiv(K, k_split);
+  grid.z = splits;
+  at::Tensor part = splits > 1 ? fl_empty({splits, M, N}, C.options().dtype(at::kFloat))
+                               : at::Tensor();
   auto launch = [&](auto tag, auto q_nk_tag) {
     using T = decltype(tag);
     constexpr bool kQnk = decltype(q_nk_tag)::value;
@@ -485,7 +537,12 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
     FL_LAUNCH(kern, grid, 256, smem, stream, reinterpret_cast<const T*>(Pc.data_ptr()),
               Pc.stride(0), vec_p, reinterpret_cast<const T*>(Qc.data_ptr()), Qc.stride(0),
               vec_q, reinterpret_cast<T*>(C.data_ptr()), C.stride(0), vec_c, static_cast<int>(M),
-              static_cast<int>(N), static_cast<int>(K), ia);
+              static_cast<int>(N), static_cast<int>(K), ia,
+              splits > 1 ? part.data_ptr<float>() : nullptr, k_split);
+    if (splits > 1)
+      FL_LAUNCH(splitk_finalize_kernel<T>, cdiv(M * N, 256), 256, 0, stream,
+                part.data_ptr<float>(), splits, M, N, reinterpret_cast<T*>(C.data_ptr()),
+                C.stride(0));
   };
   const bool half = P.scalar_type() == at::kHalf;
   if (half && q_nk) launch(__half{}, std::true_type{});

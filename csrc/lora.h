@@ -1,6 +1,7 @@
-// Shared by the CPU (lora.cpp) and CUDA (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu) implementations of the fused_lora_C ops:
-// the op schemas, the dropout hash, and the argument checks (TORCH_CHECK messages name the
-// argument). The contract of every op is fused_lora/reference.py.
+// Shared by the CPU (lora.cpp) and CUDA (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu)
+// implementations of the fused_lora_C ops: the op schemas, the dropout hash, and the argument
+// checks (TORCH_CHECK messages name the argument). The contract of every op is
+// fused_lora/reference.py.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -454,6 +454,32 @@ def test_multi_sorted_and_single_slot(sim):
                ("dx", "dA", "dB"))
 
 
+# Split-K of the tensor-core GEMM (tiles < SMs; the emulator reports 4 SMs): (M, K, N) where
+# the forward GEMM (reduction K) or the dx GEMM (reduction N) runs 2-4 splits of a k-range that
+# is a multiple of 32, the last one ragged (K = 517: odd, scalar loads; 520: cp.async).
+SPLIT_K_SHAPES = [(20, 520, 40), (70, 517, 40), (20, 40, 520), (9, 300, 300)]
+
+
+@pytest.mark.parametrize("shape", SPLIT_K_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_split_k_gemm(sim, shape, dtype):
+    M, K, N = shape
+    x, w, b, a, bb = _args(dtype, M, K, N, 16)
+    fwd_args = (x, w, b, a, bb, 0.7, 0.2, SEED)
+    y, xa = sim.lora_linear_fwd(*fwd_args)
+    _check((y, xa), reference.lora_linear_fwd, fwd_args, ("y", "xa"))
+    dy = torch.randn(M, N).to(dtype)
+    bargs = (dy, x, w, a, bb, xa, 0.7, 0.2, SEED, True, True, True)
+    _check(sim.lora_linear_bwd(*bargs), reference.lora_linear_bwd, bargs, ("dx", "dA", "dB"))
+    # Mixed adapters (M >= 65: rows sorted by slot, partials at the physical rows).
+    margs = _multi_args(dtype, M, K, N, 5, 16)
+    my, mxa = sim.multi_lora_linear_fwd(*margs)
+    _check((my, mxa), reference.multi_lora_linear_fwd, margs, ("y", "xa"))
+    xm, wm, _, am, bm, sc, ids, rk = margs
+    mb = (dy, xm, wm, am, bm, sc, ids, rk, mxa, True, True, True)
+    _check(sim.multi_lora_linear_bwd(*mb), reference.multi_lora_linear_bwd, mb, ("dx", "dA", "dB"))
+
+
 def test_multi_no_slots_and_degenerate(sim):
     for M, K, N, S in [(5, 8, 16, 0), (0, 8, 16, 2), (4, 0, 16, 2), (4, 8, 0, 2)]:
         x = torch.randn(M, K).half()

@@ -480,6 +480,16 @@ def test_split_k_gemm(sim, shape, dtype):
     _check(sim.multi_lora_linear_bwd(*mb), reference.multi_lora_linear_bwd, mb, ("dx", "dA", "dB"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_grouped_tile_order(sim, dtype):
+    """9 row tiles x 2 column tiles: the GEMM's grouped order (8 row tiles per column sweep)
+    has a full group and a one-tile remainder; every tile must be computed exactly once."""
+    M, K, N = 1100, 24, 136
+    x, w, b, a, bb = _args(dtype, M, K, N, 4)
+    args = (x, w, b, a, bb, 0.5, 0.0, SEED)
+    _check(sim.lora_linear_fwd(*args), reference.lora_linear_fwd, args, ("y", "xa"))
+
+
 def test_multi_no_slots_and_degenerate(sim):
     for M, K, N, S in [(5, 8, 16, 0), (0, 8, 16, 2), (4, 0, 16, 2), (4, 8, 0, 2)]:
         x = torch.randn(M, K).half()

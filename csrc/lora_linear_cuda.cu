@@ -5,12 +5,15 @@ namespace fused_lora {
 namespace {
 
 // ---- shrink: out[m, r] = alpha * sum_k drop(P)[m, k] * A(r, k)   (fp32 out) -------------------
-// A(r, k) at r*sa_r + k*sa_k: lora_A for xa, lora_B read transposed for ds. 32 rows x 16 ranks
-// per block, K in chunks of 64; each thread owns 2 outputs.
+// A(r, k) at r*sa_r + k*sa_k (lora_A). 32 rows x 16 ranks per block, K in chunks of 64; each
+// thread owns 2 outputs. Split-K (part != nullptr): block z covers k in [z k_split, (z+1)
+// k_split) and writes fp32 partials part[z, m, r] for finalize_kernel: at decode sizes the
+// grid is otherwise one block (M <= 32, R <= 16) reading all of A (128 KB at K = 4096, r = 16)
+// through one SM, ~2 us next to a ~10 us GEMV.
 __global__ void __launch_bounds__(256) shrink_kernel(
     const void* __restrict__ P, int p_dt, int64_t sp_m, int64_t sp_k, const void* __restrict__ A,
     int a_dt, int64_t sa_r, int64_t sa_k, float* __restrict__ out, int64_t so_m, int M, int K,
-    int R, float alpha, Dropout drop) {
+    int R, float alpha, Dropout drop, float* __restrict__ part, int k_split) {
   __shared__ float Ps[32][64 + 1];
   __shared__ float As[16][64 + 1];
   const int tid = threadIdx.x;
@@ -18,12 +21,14 @@ __global__ void __launch_bounds__(256) shrink_kernel(
   const int r0 = blockIdx.y * 16;
   const int mm = tid >> 3, rr = (tid & 7) * 2;
   float acc0 = 0.f, acc1 = 0.f;
-  for (int64_t k0 = 0; k0 < K; k0 += 64) {
+  const int64_t kb = static_cast<int64_t>(blockIdx.z) * k_split;
+  const int64_t ke = min(static_cast<int64_t>(K), kb + k_split);
+  for (int64_t k0 = kb; k0 < ke; k0 += 64) {
     for (int i = tid; i < 32 * 64; i += 256) {
       const int pm = i >> 6, kk = i & 63;
       const int64_t m = m0 + pm, k = k0 + kk;
       float v = 0.f;
-      if (m < M && k < K) {
+      if (m < M && k < ke) {
         v = ldf(P, m * sp_m + k * sp_k, p_dt);
         if (drop.on && !keep(m * K + k, drop.k1, drop.k2, drop.thresh)) v = 0.f;
       }
@@ -33,7 +38,7 @@ __global__ void __launch_bounds__(256) shrink_kernel(
       const int ar = i >> 6, kk = i & 63;
       const int r = r0 + ar;
       const int64_t k = k0 + kk;
-      As[ar][kk] = (r < R && k < K) ? ldf(A, r * sa_r + k * sa_k, a_dt) : 0.f;
+      As[ar][kk] = (r < R && k < ke) ? ldf(A, r * sa_r + k * sa_k, a_dt) : 0.f;
     }
     __syncthreads();
 #pragma unroll 16
@@ -46,8 +51,10 @@ __global__ void __launch_bounds__(256) shrink_kernel(
   }
   const int64_t m = m0 + mm;
   if (m < M) {
-    if (r0 + rr < R) out[m * so_m + r0 + rr] = acc0 * alpha;
-    if (r0 + rr + 1 < R) out[m * so_m + r0 + rr + 1] = acc1 * alpha;
+    float* dst = part != nullptr ? part + (blockIdx.z * static_cast<int64_t>(M) + m) * R
+                                 : out + m * so_m;
+    if (r0 + rr < R) dst[r0 + rr] = acc0 * alpha;
+    if (r0 + rr + 1 < R) dst[r0 + rr + 1] = acc1 * alpha;
   }
 }
 
@@ -485,10 +492,23 @@ void launch_shrink(const at::Tensor& P, const at::Tensor& A, int64_t sa_r, int64
                    at::Tensor& out, float alpha, const Dropout& drop, fl_stream_t stream) {
   const int64_t M = P.size(0), K = P.size(1), R = out.size(1);
   dim3 grid(cdiv(M, 32), cdiv(R, 16));
+  // Split K until the grid has ~2 blocks per SM (each split >= 2 chunks of 64 k).
+  const int blocks = static_cast<int>(grid.x * grid.y);
+  int splits = std::max(1, std::min(cdiv(2 * fl_sm_count(), blocks), static_cast<int>(K / 128)));
+  const int k_split = cdiv(cdiv(K, splits), 64) * 64;
+  splits = cdiv(K, k_split);
+  TORCH_CHECK(splits <= 65535, "x: in_features too large for the shrink kernel");
+  grid.z = splits;
+  at::Tensor part = splits > 1 ? fl_empty({splits, M, R}, out.options()) : at::Tensor();
+  float* part_p = splits > 1 ? part.data_ptr<float>() : nullptr;
   FL_LAUNCH(shrink_kernel, grid, 256, 0, stream,
       P.data_ptr(), dt_code(P.scalar_type()), P.stride(0), P.stride(1), A.data_ptr(),
       dt_code(A.scalar_type()), sa_r, sa_k, out.data_ptr<float>(), out.stride(0),
-      static_cast<int>(M), static_cast<int>(K), static_cast<int>(R), alpha, drop);
+      static_cast<int>(M), static_cast<int>(K), static_cast<int>(R), alpha, drop, part_p,
+      k_split);
+  if (splits > 1)  // out[m, r] = sum_z part[z, m, r], z in order
+    FL_LAUNCH(finalize_kernel, cdiv(M * R, 256), 256, 0, stream, part_p, splits,
+              static_cast<int>(M), R, out.data_ptr(), kF32, out.stride(0), out.stride(1), 1.f);
 }
 
 // C[M, N] = init + P[M, K] Q^T, Q given as (n, k) strides; tensor cores for fp16/bf16.

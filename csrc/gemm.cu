@@ -320,24 +320,8 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   cp_async_wait<0>();
 
   // ---- epilogue: C written once; a thread's two adjacent columns go out as one 4-byte store --
-  if (part != nullptr) {  // split-K: fp32 partials [splits, M, N] at physical rows
-    float* prow_base = part + static_cast<int64_t>(blockIdx.z) * M * N;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int mm = wm * 64 + i * 16 + g + h * 8;
-        if (m0 + mm >= M) continue;
-        float* prow = prow_base + row_pm[mm] * N;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int64_t n = n0 + wn * 32 + j * 8 + t4 * 2;
-          if (n < N) prow[n] = acc[i][j][h * 2];
-          if (n + 1 < N) prow[n + 1] = acc[i][j][h * 2 + 1];
-        }
-      }
-    return;
-  }
+  // Split-K (part != nullptr): fp32 partials [splits, M, N] at the physical rows instead.
+  float* part_z = part != nullptr ? part + static_cast<int64_t>(blockIdx.z) * M * N : nullptr;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -345,11 +329,15 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
       const int mm = wm * 64 + i * 16 + g + h * 8;
       if (m0 + mm >= M) continue;
       T* crow = C + row_pm[mm] * ldc;
+      float* prow = part_z != nullptr ? part_z + row_pm[mm] * N : nullptr;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t n = n0 + wn * 32 + j * 8 + t4 * 2;
         const float v0 = acc[i][j][h * 2], v1 = acc[i][j][h * 2 + 1];
-        if (vec_c && n + 1 < N) {
+        if (prow != nullptr) {
+          if (n < N) prow[n] = v0;
+          if (n + 1 < N) prow[n + 1] = v1;
+        } else if (vec_c && n + 1 < N) {
           store2(crow + n, v0, v1);
         } else {
           if (n < N) crow[n] = from_f<T>(v0);

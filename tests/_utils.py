@@ -33,3 +33,28 @@ def assert_close_2x(out: torch.Tensor, ref64: torch.Tensor, out_pt: torch.Tensor
     assert err <= factor * pt_err + atol, (
         f"{name}: max err {err:.3e} > {factor} x torch err {pt_err:.3e} + {atol:.1e}"
     )
+
+
+def _f64(t):
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def check_op_vs_reference(got, ref_fn, args, names, scaled_atol: bool = False,
+                          fp32_factor: float = 2.0) -> None:
+    """Each output of an op call ``got`` against ``ref_fn(*args)`` in fp64, by the 2x rule
+    (against ref_fn's own error in the args' dtypes). Empty reference outputs (gradients not
+    asked for) must be empty with the reference's dtype. scaled_atol: the absolute floor grows
+    with the output's magnitude; fp32_factor: the factor for fp32 outputs."""
+    pt = ref_fn(*args)
+    ref64 = ref_fn(*[_f64(a) for a in args])
+    for g, p, r, name in zip(got, pt, ref64, names):
+        if p.numel() == 0:
+            assert g.numel() == 0 and g.dtype == p.dtype, name
+            continue
+        assert g.dtype == p.dtype and g.shape == p.shape, name
+        assert not torch.isnan(g).any(), f"{name}: NaN in output (unwritten or poisoned elements?)"
+        err, pt_err = max_err(g, r), max_err(p, r)
+        atol = ATOL[g.dtype] * (max(1.0, r.abs().max().item()) if scaled_atol else 1.0)
+        factor = fp32_factor if g.dtype == torch.float32 else 2.0
+        assert err <= factor * pt_err + atol, (
+            f"{name}: max err {err:.3e} > {factor} x torch err {pt_err:.3e} + {atol:.1e}")

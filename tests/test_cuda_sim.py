@@ -32,7 +32,7 @@ import sys
 
 import pytest
 import torch
-from _utils import assert_close_2x
+from _utils import check_op_vs_reference
 
 from fused_lora import reference
 from fused_lora._sim import asan_runtime, build_sim, sim_unavailable_reason
@@ -236,20 +236,8 @@ def _args(dtype, M, K, N, R, adapter_dtype=None, bias=True):
     return x, w, b, a, bb
 
 
-def _f64(t):
-    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
 def _check(got, ref_fn, args, names):
-    """2x rule: got vs ref_fn on fp64 args, against ref_fn's own error in the args' dtypes."""
-    pt = ref_fn(*args)
-    ref64 = ref_fn(*[_f64(a) for a in args])
-    for g, p, r, name in zip(got, pt, ref64, names):
-        if p.numel() == 0:
-            assert g.numel() == 0 and g.dtype == p.dtype, name
-            continue
-        assert g.dtype == p.dtype and g.shape == p.shape, name
-        assert_close_2x(g, r, p, name)
+    check_op_vs_reference(got, ref_fn, args, names)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from _utils import ATOL, max_err
+from _utils import check_op_vs_reference
 
 from fused_lora import reference
 from fused_lora._sim import build_sim, sim_unavailable_reason
@@ -32,10 +32,6 @@ def sim():
     return build_sim()
 
 
-def _f64(t):
-    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
 def _check(got, ref_fn, args, names):
     """The 2x rule, with the absolute floor scaled by the output's magnitude (as
     tests/test_cuda_ext.py does): random draws reach |dA| ~ 100 in fp32, where a few ulps of an
@@ -44,19 +40,7 @@ def _check(got, ref_fn, args, names):
     bf16 terms for the tensor cores (bwd_ds_db_kernel), ds is three fp32-accumulated passes,
     ~2-4x the rounding of one fp32 dot, which a cancelling sum such as dA then shows (seen: dA
     at 4.2x PyTorch's error, 4e-5 relative, M = 130, N = 264, r = 1)."""
-    pt = ref_fn(*args)
-    ref64 = ref_fn(*[_f64(a) for a in args])
-    for g, p, r, name in zip(got, pt, ref64, names):
-        if p.numel() == 0:
-            assert g.numel() == 0 and g.dtype == p.dtype, name
-            continue
-        assert g.dtype == p.dtype and g.shape == p.shape, name
-        assert not torch.isnan(g).any(), f"{name}: NaN (unwritten or poisoned elements?)"
-        err, pt_err = max_err(g, r), max_err(p, r)
-        atol = ATOL[g.dtype] * max(1.0, r.abs().max().item())
-        factor = 4.0 if g.dtype == torch.float32 else 2.0
-        assert err <= factor * pt_err + atol, (
-            f"{name}: err {err:.3e} > {factor} x {pt_err:.3e} + {atol:.1e}")
+    check_op_vs_reference(got, ref_fn, args, names, scaled_atol=True, fp32_factor=4.0)
 
 
 def _maybe_strided(t: torch.Tensor, rng: random.Random) -> torch.Tensor:

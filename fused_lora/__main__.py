@@ -33,6 +33,12 @@ def info() -> dict:
         "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "extension_build": _ext.build_info(),
         "backends": dispatch.report(),
+        "dispatch_table": (
+            f"{len(dispatch.measured_table())} measured entries in {dispatch.MEASURED_TABLE_PATH.name}"
+            + ("" if dispatch.measured_table() else
+               " (empty until `python -m fused_lora.bench dispatch` runs on a GPU: backend='auto' "
+               "uses the AUTO_TABLE order)")
+        ),
     }
 
 

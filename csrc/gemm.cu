@@ -13,7 +13,7 @@ namespace {
 // ldmatrix (.trans for Q as [K, N]), a STAGES-deep cp.async pipeline: while a stage is in the
 // tensor cores the next STAGES-1 are in flight. One stage is 128x128x32 MACs, ~0.14 us on an
 // H100 SM at its dense bf16 peak (989 TFLOPS / 132 SMs), against ~0.6-0.8 us of DRAM latency:
-// 3 stages in flight cover it. 231-234 registers, no spills (ptxas, sm_90): one 8-warp block
+// 3 stages in flight cover it. 232-234 registers, no spills (ptxas, sm_90): one 8-warp block
 // per SM; __launch_bounds__(256, 2) would cap it at 128 registers and spill 3 KB: not used.
 // Smem: 80 KB of stages + 18 KB of init staging (tc_smem_bytes).
 //

@@ -11,8 +11,10 @@ FUSED_LORA_SKIP_CUDA_BUILD=1          build the extension CPU-only even with a C
 FUSED_LORA_EXT_OPTIONAL=1             a failed extension build installs the package without it
                                       (the error goes to _build_info.json and `python -m
                                       fused_lora info`); default: the build fails
-FUSED_LORA_CUDA_ARCHS="80;90"         SASS targets (default 80;90, PTX of the newest is added;
-                                      use 90a for Hopper-only wgmma code)
+FUSED_LORA_CUDA_ARCHS="80;90a"        SASS targets (default 80;90a, PTX of the newest without
+                                      its "a" is added). 90a builds the Hopper wgmma GEMM and
+                                      lets the host launch it on compute capability 9.0
+                                      (FUSED_LORA_CUDA_GEMM picks mma/wgmma at run time)
 CUDA_HOME / CUDA_PATH                 the toolkit; default: CUDA's standard install prefix
                                       /usr/local/cuda (not derived from the nvcc on PATH,
                                       which may be a wrapper script)
@@ -83,8 +85,12 @@ def _gencode_flags(archs: str) -> list[str]:
         a = a.replace(".", "")
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     if items:
-        newest = items[-1].replace(".", "")
+        # PTX for later GPUs: of the newest target without its arch-specific "a" suffix
+        # (compute_90a PTX would run on 9.0 only).
+        newest = items[-1].replace(".", "").rstrip("a")
         flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    if any(a.replace(".", "").endswith("90a") for a in items):
+        flags += ["-DFUSED_LORA_SM90A"]  # the host may launch the wgmma kernels (fl_has_wgmma)
     return flags
 
 
@@ -116,7 +122,7 @@ def _extensions():
     # is given (torch 2.14's ATen.h #errors below C++20), and no -DPy_LIMITED_API: with
     # py_limited_api=True torch defines it itself (a second definition only warns).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    archs = os.environ.get("FUSED_LORA_CUDA_ARCHS", "80;90")
+    archs = os.environ.get("FUSED_LORA_CUDA_ARCHS", "80;90a")
     info.update(
         extension=True,
         cuda=use_cuda,

@@ -4,7 +4,9 @@ Competitors (same process, same inputs, each checked against the fp64 reference 
 
 * ``fused_triton``, ``fused_cuda``: :func:`fused_lora.lora_linear` with backend "triton" /
   "cuda" (when :func:`fused_lora.dispatch.unavailable_reason` says they run here; Triton is
-  never timed on CPU: the interpreter's timings mean nothing). ``fused_torch``: the
+  never timed on CPU: the interpreter's timings mean nothing). ``fused_triton_inloop``: the
+  Triton forward with the shrink inside the GEMM's K loop. ``fused_cuda_mma``: on an H100/H200
+  (where ``fused_cuda`` runs the wgmma GEMM), the CUDA backend with its mma.sync GEMM. ``fused_torch``: the
   plain-PyTorch backend, which is the CPU path (timed on CPU only).
 * ``unfused_eager``: PEFT's chain ``F.linear(x, W, b) + s * F.linear(F.linear(drop(x), A), B)``
   (dropout is off: p = 0, as PEFT's nn.Identity).
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_lora import dispatch, lora_linear, reference
+from fused_lora import _ext, dispatch, lora_linear, reference
 
 from . import harness as H
 
@@ -121,6 +123,9 @@ def impl_names(cfg: H.Config) -> tuple[list[tuple[str, Optional[str]]], dict[str
                 # The forward's other shrink placement (inside the GEMM's K loop): the issue
                 # asks which is faster, so both are timed side by side.
                 run.append(("fused_triton_inloop", be))
+            if be == "cuda" and cfg.cuda and _ext.wgmma_available(cfg.device):
+                # fused_cuda runs the wgmma GEMM here; its mma.sync one is timed beside it.
+                run.append(("fused_cuda_mma", be))
     if cfg.cuda:
         skip["fused_torch"] = "the torch backend is the CPU path; on GPU it is unfused_eager in fp32"
     else:
@@ -168,21 +173,72 @@ def build(name: str, backend: Optional[str], W: Tensor, b: Tensor, A: Tensor, B:
         return Impl(name, lambda x: chain(x, W, b, A_, B_, s), [A_, B_])
     assert backend is not None
     if name == "fused_triton_inloop":
-        def inloop(x: Tensor) -> Tensor:
-            # The launcher reads FUSED_LORA_FWD_SHRINK per call (captured once under CUDA graphs).
-            old = os.environ.get("FUSED_LORA_FWD_SHRINK")
-            os.environ["FUSED_LORA_FWD_SHRINK"] = "fused"
-            try:
-                return lora_linear(x, W, b, A_, B_, s, backend=backend)
-            finally:
-                if old is None:
-                    del os.environ["FUSED_LORA_FWD_SHRINK"]
-                else:
-                    os.environ["FUSED_LORA_FWD_SHRINK"] = old
-
-        return Impl(name, inloop, [A_, B_], note="shrink inside the GEMM K loop")
+        # The launcher reads FUSED_LORA_FWD_SHRINK per call (captured once under CUDA graphs).
+        fn = _env_scoped(lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend),
+                         "FUSED_LORA_FWD_SHRINK", "fused")
+        return Impl(name, fn, [A_, B_], note="shrink inside the GEMM K loop")
+    if name == "fused_cuda_mma":
+        fn = _env_scoped(lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend),
+                         "FUSED_LORA_CUDA_GEMM", "mma")
+        return Impl(name, fn, [A_, B_], note="mma.sync GEMM (fused_cuda: wgmma)")
     return Impl(name, lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend), [A_, B_],
                 note="C++ CPU kernels" if backend == "cuda" and W.device.type == "cpu" else "")
+
+
+class _EnvEnter(torch.autograd.Function):
+    """Identity on the op's output; its backward (run before the op's) sets var = value."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, var: str, value: str) -> Tensor:
+        ctx.var, ctx.value = var, value
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        ctx.old = os.environ.get(ctx.var)
+        os.environ[ctx.var] = ctx.value
+        _EnvExit.pending.append((ctx.var, ctx.old))
+        return g, None, None
+
+
+class _EnvExit(torch.autograd.Function):
+    """Identity on the op's input; its backward (run after the op's) restores the variable."""
+
+    pending: list[tuple[str, Optional[str]]] = []
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        if _EnvExit.pending:
+            var, old = _EnvExit.pending.pop()
+            if old is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = old
+        return g
+
+
+def _env_scoped(fn: Callable[[Tensor], Tensor], var: str, value: str) -> Callable[[Tensor], Tensor]:
+    """fn with environment variable var = value while its forward and its backward kernels launch
+    (the launchers read it per call), so two settings of one backend are timed side by side."""
+
+    def run(x: Tensor) -> Tensor:
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            y = fn(_EnvExit.apply(x) if x.requires_grad else x)
+        finally:
+            if old is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = old
+        # Only with x in the graph: _EnvExit (on x) must run after the op's backward to restore.
+        return _EnvEnter.apply(y, var, value) if y.requires_grad and x.requires_grad else y
+
+    return run
 
 
 def _reference(x: Tensor, W: Tensor, b: Tensor, A: Tensor, B: Tensor, s: float,

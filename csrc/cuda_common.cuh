@@ -157,4 +157,9 @@ inline void check_cuda_inputs(const at::Tensor& x, const at::Tensor& lora_A) {
 void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor& C,
                  const InitArgs& ia, fl_stream_t stream);
 
+// Which tensor-core GEMM launch_gemm runs for fp16/bf16 (gemm.cu), read at every launch from
+// FUSED_LORA_CUDA_GEMM: "mma" (mma.sync, sm_80+), "wgmma" (Hopper warpgroup MMA; an error where
+// fl_has_wgmma() is false), "auto"/unset: wgmma where available (the emulator: mma).
+bool use_wgmma();
+
 }  // namespace fused_lora

@@ -30,6 +30,20 @@
 //   ldmatrix_x2_trans(r, smem)        ldmatrix.sync.aligned.m8n8.{x4,x2}[.trans].shared.b16
 //   mma_16816<T>(d, a, b)             d += a·b, mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
 //                                     (T = __half or __nv_bfloat16; a: 4 regs, b: 2, d: 4 fp32)
+//   Hopper warpgroup MMA (sm_90a only; FL_HAS_WGMMA is 1 in the device passes that have it, and
+//   the kernels that use it compile to a trap elsewhere):
+//   smem_u32(p)                       p's shared-window address (what descriptors hold)
+//   wgmma_desc_128b(addr, lbo, sbo)   a 128-byte-swizzle matrix descriptor (PTX ISA 9.7.15.5.1.2.2)
+//   fence_proxy_async()               fence.proxy.async.shared::cta: this thread's generic-proxy
+//                                     shared writes (stores, landed cp.async) become visible to
+//                                     the async proxy wgmma reads through
+//   wgmma_fence() / wgmma_commit() / wgmma_wait<N>()   wgmma.{fence,commit_group,wait_group}
+//   wgmma_m64n128k16<T, TRANS_B>(d, desc_a, desc_b)   d[64] += A·B, wgmma.mma_async m64n128k16
+//                                     f32 accumulators, A and B from shared memory (B N-major
+//                                     when TRANS_B); every thread of the warpgroup calls it
+//   wgmma_fence_acc(d)                pins d's registers in place around the async MMA (the
+//                                     compiler must not move reads of d above wgmma_wait)
+//   fl_has_wgmma()                    host: the current device runs the sm_90a kernels
 #pragma once
 
 #include <ATen/ATen.h>
@@ -173,6 +187,107 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// ---- wgmma (sm_90a) ------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FL_HAS_WGMMA 1
+#else
+#define FL_HAS_WGMMA 0
+#endif
+
+// Host: true when this build holds the sm_90a kernels (setup.py defines FUSED_LORA_SM90A when
+// FUSED_LORA_CUDA_ARCHS lists 90a) and the current device is compute capability 9.0 (an sm_90a
+// cubin runs on 9.0 only). Cached per device; a host attribute query, legal under capture.
+inline bool fl_has_wgmma() {
+#if defined(FUSED_LORA_SM90A)
+  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
+  const int dev = fl_current_device();
+  if (dev < 64 && cache[dev] != 0) return cache[dev] == 2;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  const bool yes = major == 9 && minor == 0;
+  if (dev < 64) cache[dev] = yes ? 2 : 1;
+  return yes;
+#else
+  return false;
+#endif
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+#if FL_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#if FL_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if FL_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if FL_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence_acc(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// The 64 accumulator operands %0..%63, then desc_a (%64) and desc_b (%65); scale-d is 1 (D is
+// accumulated: the kernels put the LoRA term there first), scale-a/b 1, trans-a 0.
+#define FL_WGMMA_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+    "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FL_WGMMA_ASM(TYPE, TRANS_B)                                                            \
+  asm volatile(                                                                                \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                         \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "       \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "        \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "      \
+      "%64, %65, 1, 1, 1, 0, " TRANS_B ";\n"                                                   \
+      : FL_WGMMA_D8(0), FL_WGMMA_D8(8), FL_WGMMA_D8(16), FL_WGMMA_D8(24), FL_WGMMA_D8(32),     \
+        FL_WGMMA_D8(40), FL_WGMMA_D8(48), FL_WGMMA_D8(56)                                      \
+      : "l"(desc_a), "l"(desc_b))
+
+template <typename T, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+  static_assert(TRANS_B == 0 || TRANS_B == 1, "TRANS_B is 0 or 1");
+#if FL_HAS_WGMMA
+  if constexpr (std::is_same_v<T, __half>) {
+    if constexpr (TRANS_B) FL_WGMMA_ASM("f16", "1"); else FL_WGMMA_ASM("f16", "0");
+  } else {
+    if constexpr (TRANS_B) FL_WGMMA_ASM("bf16", "1"); else FL_WGMMA_ASM("bf16", "0");
+  }
+#else
+  (void)d, (void)desc_a, (void)desc_b;
+#endif
+}
+#undef FL_WGMMA_ASM
+#undef FL_WGMMA_D8
+
 }  // namespace fused_lora
 
 #endif  // FUSED_LORA_SIM
+
+namespace fused_lora {
+// Both builds: a wgmma shared-memory matrix descriptor for the 128-byte swizzle (PTX ISA
+// "Matrix Descriptor Format"): start address, leading and stride byte offsets, each encoded
+// (x & 0x3FFFF) >> 4; base offset 0 (the swizzle atoms start on 1024-byte boundaries); mode 1.
+__host__ __device__ __forceinline__ uint64_t wgmma_desc_128b(uint32_t addr, uint32_t lbo,
+                                                             uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
+         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (uint64_t(1) << 62);
+}
+}  // namespace fused_lora

@@ -1,33 +1,14 @@
 // GEMM kernels shared by the single- and mixed-adapter ops: C = init + P Q^T, where init (the
 // LoRA term, dropout mask, bias) is computed in fp32 in the prologue and becomes the initial
 // accumulator, so C is written once.
+#include <cstdlib>
+#include <string>
+
 #include "cuda_common.cuh"
 
 namespace fused_lora {
 namespace {
 
-// ---- Tensor-core GEMM: C[M, N] = init + P[M, K] Q^T ---------------------------------------------
-// P row-major (unit inner stride). Q_NK: Q is [N, K] (k contiguous: the forward's W0); else Q is
-// [K, N] (n contiguous: W0 itself in dx = dy W0). 128x128x32 block tile, 8 warps of 64x32, each
-// a 4x4 grid of mma.sync m16n8k16 (fp32 accumulators), operands from shared memory through
-// ldmatrix (.trans for Q as [K, N]), a STAGES-deep cp.async pipeline: while a stage is in the
-// tensor cores the next STAGES-1 are in flight. One stage is 128x128x32 MACs, ~0.14 us on an
-// H100 SM at its dense bf16 peak (989 TFLOPS / 132 SMs), against ~0.6-0.8 us of DRAM latency:
-// 3 stages in flight cover it. 232-234 registers, no spills (ptxas, sm_90): one 8-warp block
-// per SM; __launch_bounds__(256, 2) would cap it at 128 registers and spill 3 KB: not used.
-// Smem: 80 KB of stages + 18 KB of init staging (tc_smem_bytes).
-//
-// Tile edges: with 16-byte loads possible (extent and pitch multiples of 8, aligned base),
-// chunks past M, N or K are zero-filled by cp.async without touching memory; otherwise every
-// chunk goes through scalar loads (a K % 8 != 0 or misaligned operand); stores are masked.
-//
-// Init (the LoRA term, dropout mask, bias) is computed in fp32 straight into the accumulator
-// fragments while the first stages load: each thread owns rows g, g+8 and columns 2t, 2t+1 of
-// every 16x8 fragment (g = lane/4, t = lane%4, PTX ISA mma.m16n8k16 C layout), and sums L[m, r]
-// Rt[n, r] over ranks staged 16 at a time in shared memory. Mixed adapters: the tile's rows are
-// served one slot at a time (up to MAX_SLOT_PASSES slots, each an r-deep pass over only its own
-// rows); rows of further slots fall back to a per-element gather. With rows sorted by slot
-// (row_map), a tile holds one or two slots.
 constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, STAGES = 4;
 constexpr int LDA = BK + PAD;       // 40 halves = 80 B rows: ldmatrix's 8 row reads hit 8
                                     // distinct 16-byte bank groups (offsets 80*i mod 128)
@@ -35,13 +16,14 @@ constexpr int LDB_NN = BN + PAD;    // 136 halves = 272 B rows: likewise (272*i 
 constexpr int LDI = 17;             // fp32 init staging rows: odd stride, conflict-free
 constexpr int MAX_SLOT_PASSES = 4;
 constexpr int kMaxSplits = 16;       // split-K: partial traffic grows with the count
-constexpr int GROUP_M = 8;           // row tiles per column sweep (L2 reuse, see gemm_tc_kernel)
+constexpr int GROUP_M = 8;           // row tiles per column sweep (L2 reuse, see tile_coords)
 constexpr int A_STAGE = BM * LDA;   // halves
 template <bool Q_NK> constexpr int b_stage() { return Q_NK ? BN * LDA : BK * LDB_NN; }
+// Init staging after the operand stages: L and Rt 16 ranks at a time, per-row physical row,
+// slot, done flag.
+constexpr int kInitSmem = (BM + BN) * LDI * 4 + BM * 16 + 16;
 template <bool Q_NK> constexpr int tc_smem_bytes() {
-  return STAGES * (A_STAGE + b_stage<Q_NK>()) * 2   // operand stages
-         + (BM + BN) * LDI * 4                       // init staging: L and Rt, 16 ranks
-         + BM * 16 + 16;                             // per-row physical row, slot, done flag
+  return STAGES * (A_STAGE + b_stage<Q_NK>()) * 2 + kInitSmem;
 }
 
 // Two adjacent outputs as one 4-byte store (the pointer is 4-byte aligned).
@@ -52,6 +34,244 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 
+// One 8-element (16-byte) operand chunk into shared memory: src is its first element in global
+// memory (used only when `in`), `left` the elements of the row's extent from there. vec: one
+// cp.async, zero-filled without a read when !in (vec implies the extent and pitch are multiples
+// of 8 and the base 16-byte aligned, so a chunk is wholly in or out and even the unread source
+// `base` is aligned, as cp.async requires); else scalar loads, zero past the extent.
+template <typename T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* src, bool in, int64_t left, int vec,
+                                           const T* base) {
+  if (vec) {
+    cp_async16(dst, in ? src : base, in);
+  } else {
+    const T zero = from_f<T>(0.f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = in && e < left ? src[e] : zero;
+  }
+}
+
+// Grouped tile order (as the Triton kernels' _grouped_pid): blocks launch x-fastest, and walking
+// GROUP_M row tiles per sweep over the column tiles keeps a wave's operands in L2. At M = 8192,
+// N = K = 4096 (bf16) a wave of 132 blocks then touches 8 x-tiles (8 MB) and ~17 W0 tiles
+// (17 MB), under the 50 MB L2; in plain row order it touches all 64 x-tiles (64 MB) for every 2
+// column tiles, re-reading x from DRAM 16 times (~1 GB, ~300 us of HBM time).
+__device__ __forceinline__ void tile_coords(int& tile_m, int& tile_n) {
+  const int num_m = static_cast<int>(gridDim.x), num_n = static_cast<int>(gridDim.y);
+  const int pid = static_cast<int>(blockIdx.y) * num_m + static_cast<int>(blockIdx.x);
+  const int per_group = GROUP_M * num_n;
+  const int first_m = (pid / per_group) * GROUP_M;
+  const int size_m = min(num_m - first_m, GROUP_M);
+  tile_m = first_m + (pid % per_group) % size_m;
+  tile_n = (pid % per_group) / size_m;
+}
+
+// Which tile elements a thread's accumulators hold. Both tensor-core layouts give each thread
+// rows g and g + 8 of 16-row groups and column pairs (2t, 2t + 1) of 8-column groups (g = lane/4,
+// t = lane%4; PTX ISA mma.m16n8k16 C and wgmma m64nNk16 D layouts), so one description serves
+// both: RI row slots x CJ column pairs x 2, element (ri, cj, e) at tile (row(ri), col(cj) + e).
+//   mma.sync (8 warps, 2 x 4 of 64x32): acc[i][j][h*2+e], row slot ri = 2i + h.
+struct MmaFrag {
+  static constexpr int RI = 8, CJ = 4;
+  float (&acc)[4][4][4];
+  int wm, wn, g, t4;
+  __device__ __forceinline__ int row(int ri) const { return wm * 64 + (ri >> 1) * 16 + g + (ri & 1) * 8; }
+  __device__ __forceinline__ int col(int cj) const { return wn * 32 + cj * 8 + t4 * 2; }
+  __device__ __forceinline__ float& at(int ri, int cj, int e) const {
+    return acc[ri >> 1][cj][(ri & 1) * 2 + e];
+  }
+};
+//   wgmma (2 warpgroups of 64x128, warp w of a warpgroup owns its rows 16w..16w+15):
+//   d[4j + 2h + e], row slot ri = h.
+struct WgFrag {
+  static constexpr int RI = 2, CJ = 16;
+  float (&acc)[64];
+  int wg, w4, g, t4;
+  __device__ __forceinline__ int row(int ri) const { return wg * 64 + w4 * 16 + g + ri * 8; }
+  __device__ __forceinline__ int col(int cj) const { return cj * 8 + t4 * 2; }
+  __device__ __forceinline__ float& at(int ri, int cj, int e) const { return acc[cj * 4 + ri * 2 + e]; }
+};
+
+// Shared memory of the init (kInitSmem bytes at `base`, after the operand stages).
+struct InitSmem {
+  float* Ls;        // [BM][LDI]
+  float* Rs;        // [BN][LDI]
+  int64_t* row_pm;  // [BM] physical row (row_map)
+  int* row_slot;    // [BM] slot of each row, -1: none
+  int* row_done;    // [BM] LoRA term already added
+  int* cur_slot;
+  __device__ __forceinline__ explicit InitSmem(unsigned char* base)
+      : Ls(reinterpret_cast<float*>(base)),
+        Rs(Ls + BM * LDI),
+        row_pm(reinterpret_cast<int64_t*>(Rs + BN * LDI)),
+        row_slot(reinterpret_cast<int*>(row_pm + BM)),
+        row_done(row_slot + BM),
+        cur_slot(row_done + BM) {}
+};
+
+// The init (the LoRA term, dropout mask, bias) in fp32, straight into the accumulator fragments,
+// while the first stages load: each thread sums L[m, r] Rt[n, r] for its elements over ranks
+// staged 16 at a time in shared memory. Mixed adapters: the tile's rows are served one slot at a
+// time (up to MAX_SLOT_PASSES slots, each an r-deep pass over only its own rows); rows of further
+// slots fall back to a per-element gather. With rows sorted by slot (row_map), a tile holds one
+// or two slots. Called by all 256 threads (it has barriers); row_pm must be written before.
+template <class Frag>
+__device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, const InitSmem& sm,
+                                          int64_t m0, int64_t n0, int M, int N) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int ri = 0; ri < Frag::RI; ++ri)
+#pragma unroll
+    for (int cj = 0; cj < Frag::CJ; ++cj) fr.at(ri, cj, 0) = fr.at(ri, cj, 1) = 0.f;
+  __syncthreads();  // row_pm
+  if (blockIdx.z != 0) return;  // split-K: split 0 alone carries the init (block-uniform)
+
+  // One r-deep pass: acc += sum_r Ls[row, r] * Rs[col, r] over ranks [0, re), 16 at a time,
+  // Ls / Rs filled by the two loaders (row / col within the tile, rank) -> fp32.
+  auto rank_pass = [&](int re, auto&& load_l, auto&& load_r) {
+    for (int r0 = 0; r0 < re; r0 += 16) {
+      for (int i = tid; i < BM * 16; i += 256) {
+        const int mm = i >> 4, rr = i & 15;
+        sm.Ls[mm * LDI + rr] = r0 + rr < re ? load_l(mm, r0 + rr) : 0.f;
+      }
+      for (int i = tid; i < BN * 16; i += 256) {
+        const int nn = i >> 4, rr = i & 15;
+        sm.Rs[nn * LDI + rr] = r0 + rr < re ? load_r(nn, r0 + rr) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int ri = 0; ri < Frag::RI; ++ri) {
+        float lv[16];
+        const float* lrow = sm.Ls + fr.row(ri) * LDI;
+#pragma unroll
+        for (int rr = 0; rr < 16; ++rr) lv[rr] = lrow[rr];
+#pragma unroll
+        for (int cj = 0; cj < Frag::CJ; ++cj)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float* rrow = sm.Rs + (fr.col(cj) + e) * LDI;
+            float a = fr.at(ri, cj, e);
+#pragma unroll
+            for (int rr = 0; rr < 16; ++rr) a = fmaf(lv[rr], rrow[rr], a);
+            fr.at(ri, cj, e) = a;
+          }
+      }
+      __syncthreads();
+    }
+  };
+  auto load_rt = [&](int64_t slot_off, int nn, int r) -> float {
+    const int64_t n = n0 + nn;
+    return n < N ? ldf(ia.Rt, slot_off + n * ia.srt_n + r * ia.srt_r, ia.rt_dt) : 0.f;
+  };
+
+  if (ia.ids == nullptr) {
+    rank_pass(
+        ia.R,
+        [&](int mm, int r) -> float {
+          const int64_t m = m0 + mm;
+          return m < M ? ia.L[sm.row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
+        },
+        [&](int nn, int r) -> float { return load_rt(0, nn, r); });
+  } else {
+    if (tid < BM) {
+      const int64_t m = m0 + tid;
+      int64_t id = m < M ? ia.ids[sm.row_pm[tid]] : -1;
+      if (id < 0 || id >= ia.n_slots || live_ranks(ia.ranks, id, ia.R) == 0) id = -1;
+      sm.row_slot[tid] = static_cast<int>(id);
+      sm.row_done[tid] = id < 0;
+    }
+    __syncthreads();
+    for (int pass = 0; pass < MAX_SLOT_PASSES; ++pass) {
+      if (tid == 0) {  // the slot of the first row still to serve (deterministic order)
+        int cur = -1;
+        for (int mm = 0; mm < BM && cur < 0; ++mm)
+          if (!sm.row_done[mm]) cur = sm.row_slot[mm];
+        *sm.cur_slot = cur;
+      }
+      __syncthreads();
+      const int cur = *sm.cur_slot;
+      if (cur < 0) break;  // uniform: every thread read the same value
+      const float sc = ia.row_scale != nullptr ? ia.row_scale[cur] : 1.f;
+      rank_pass(
+          live_ranks(ia.ranks, cur, ia.R),
+          [&](int mm, int r) -> float {
+            return sm.row_slot[mm] == cur ? sc * ia.L[sm.row_pm[mm] * ia.sl_m + r * ia.sl_r]
+                                          : 0.f;
+          },
+          [&](int nn, int r) -> float { return load_rt(cur * ia.srt_s, nn, r); });
+      if (tid < BM && sm.row_slot[tid] == cur) sm.row_done[tid] = 1;
+      __syncthreads();
+    }
+  }
+  // alpha, dropout, the gather fallback for rows of slots past MAX_SLOT_PASSES, bias.
+#pragma unroll
+  for (int ri = 0; ri < Frag::RI; ++ri) {
+    const int mm = fr.row(ri);
+    const int64_t m = m0 + mm;
+    if (m >= M) continue;
+    const int64_t pm = sm.row_pm[mm];
+    const bool gather = ia.ids != nullptr && !sm.row_done[mm];
+#pragma unroll
+    for (int cj = 0; cj < Frag::CJ; ++cj)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t n = n0 + fr.col(cj) + e;
+        if (n >= N) continue;
+        float v = fr.at(ri, cj, e);
+        if (gather) v += gather_sum(ia, pm, n);
+        v *= ia.alpha;
+        if (ia.drop.on && !keep(pm * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) v = 0.f;
+        if (ia.bias != nullptr) v += ldf(ia.bias, n * ia.s_bias, ia.bias_dt);
+        fr.at(ri, cj, e) = v;
+      }
+  }
+}
+
+// Epilogue: C written once; a thread's two adjacent columns go out as one 4-byte store.
+// Split-K (part != nullptr): fp32 partials [splits, M, N] at the physical rows instead.
+template <class Frag, typename T>
+__device__ __forceinline__ void tile_store(const Frag& fr, T* __restrict__ C, int64_t ldc,
+                                           int vec_c, float* __restrict__ part,
+                                           const int64_t* row_pm, int64_t m0, int64_t n0, int M,
+                                           int N) {
+  float* part_z = part != nullptr ? part + static_cast<int64_t>(blockIdx.z) * M * N : nullptr;
+#pragma unroll
+  for (int ri = 0; ri < Frag::RI; ++ri) {
+    const int mm = fr.row(ri);
+    if (m0 + mm >= M) continue;
+    T* crow = C + row_pm[mm] * ldc;
+    float* prow = part_z != nullptr ? part_z + row_pm[mm] * N : nullptr;
+#pragma unroll
+    for (int cj = 0; cj < Frag::CJ; ++cj) {
+      const int64_t n = n0 + fr.col(cj);
+      const float v0 = fr.at(ri, cj, 0), v1 = fr.at(ri, cj, 1);
+      if (prow != nullptr) {
+        if (n < N) prow[n] = v0;
+        if (n + 1 < N) prow[n + 1] = v1;
+      } else if (vec_c && n + 1 < N) {
+        store2(crow + n, v0, v1);
+      } else {
+        if (n < N) crow[n] = from_f<T>(v0);
+        if (n + 1 < N) crow[n + 1] = from_f<T>(v1);
+      }
+    }
+  }
+}
+
+// ---- Tensor-core GEMM, mma.sync (sm_80+): C[M, N] = init + P[M, K] Q^T ---------------------------
+// P row-major (unit inner stride). Q_NK: Q is [N, K] (k contiguous: the forward's W0); else Q is
+// [K, N] (n contiguous: W0 itself in dx = dy W0). 128x128x32 block tile, 8 warps of 64x32, each
+// a 4x4 grid of mma.sync m16n8k16 (fp32 accumulators), operands from shared memory through
+// ldmatrix (.trans for Q as [K, N]), a STAGES-deep cp.async pipeline: while a stage is in the
+// tensor cores the next STAGES-1 are in flight. One stage is 128x128x32 MACs, ~0.14 us on an
+// H100 SM at its dense bf16 peak (989 TFLOPS / 132 SMs), against ~0.6-0.8 us of DRAM latency:
+// 3 stages in flight cover it. 241-244 registers, no spills (ptxas, sm_90a): one 8-warp block
+// per SM; __launch_bounds__(256, 2) would cap it at 128 registers and spill 3 KB: not used.
+// Smem: 80 KB of stages + 18 KB of init staging (tc_smem_bytes).
+//
+// Tile edges: with 16-byte loads possible (extent and pitch multiples of 8, aligned base),
+// chunks past M, N or K are zero-filled by cp.async without touching memory; otherwise every
+// chunk goes through scalar loads (a K % 8 != 0 or misaligned operand); stores are masked.
 template <typename T, bool Q_NK>
 __global__ void __launch_bounds__(256) gemm_tc_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
@@ -60,36 +280,15 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   FL_DYNAMIC_SMEM(smem);
   T* As = reinterpret_cast<T*>(smem);                        // [STAGES][BM][LDA]
   T* Bs = As + STAGES * A_STAGE;                             // [STAGES][BN][LDA] or [BK][LDB_NN]
-  float* Ls = reinterpret_cast<float*>(Bs + STAGES * b_stage<Q_NK>());  // [BM][LDI]
-  float* Rs = Ls + BM * LDI;                                 // [BN][LDI]
-  int64_t* row_pm = reinterpret_cast<int64_t*>(Rs + BN * LDI);  // [BM] physical row (row_map)
-  int* row_slot = reinterpret_cast<int*>(row_pm + BM);       // [BM] slot of each row, -1: none
-  int* row_done = row_slot + BM;                             // [BM] LoRA term already added
-  int* cur_slot = row_done + BM;
+  const InitSmem sm(reinterpret_cast<unsigned char*>(Bs + STAGES * b_stage<Q_NK>()));
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wm = warp >> 2, wn = warp & 3;  // warp tile origin (wm * 64, wn * 32)
-  const int g = lane >> 2, t4 = lane & 3;
-  // Grouped tile order (as the Triton kernels' _grouped_pid): blocks launch x-fastest, and
-  // walking GROUP_M row tiles per sweep over the column tiles keeps a wave's operands in L2. At
-  // M = 8192, N = K = 4096 (bf16) a wave of 132 blocks then touches 8 x-tiles (8 MB) and ~17
-  // W0 tiles (17 MB), under the 50 MB L2; in plain row order it touches all 64 x-tiles (64 MB)
-  // for every 2 column tiles, re-reading x from DRAM 16 times (~1 GB, ~300 us of HBM time).
   int tile_m, tile_n;
-  {
-    const int num_m = static_cast<int>(gridDim.x), num_n = static_cast<int>(gridDim.y);
-    const int pid = static_cast<int>(blockIdx.y) * num_m + static_cast<int>(blockIdx.x);
-    const int per_group = GROUP_M * num_n;
-    const int first_m = (pid / per_group) * GROUP_M;
-    const int size_m = min(num_m - first_m, GROUP_M);
-    tile_m = first_m + (pid % per_group) % size_m;
-    tile_n = (pid % per_group) / size_m;
-  }
+  tile_coords(tile_m, tile_n);
   const int64_t m0 = static_cast<int64_t>(tile_m) * BM;
   const int64_t n0 = static_cast<int64_t>(tile_n) * BN;
-  const T zero = from_f<T>(0.f);
   auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
-  if (tid < BM) row_pm[tid] = m0 + tid < M ? phys(m0 + tid) : 0;  // read after the first sync
+  if (tid < BM) sm.row_pm[tid] = m0 + tid < M ? phys(m0 + tid) : 0;  // read after tile_init's sync
 
   // ---- operand stages ------------------------------------------------------------------------
   // P: 128 rows x 32 k = 512 16-byte chunks, 2 per thread, rows tid/4 and tid/4 + 64: their
@@ -109,16 +308,8 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
     for (int it = 0; it < 2; ++it) {
       const int row = (tid >> 2) + it * 64, col = (tid & 3) * 8;
       const int64_t gk = k0 + col;
-      T* dst = as + row * LDA + col;
       const bool in = prow_ok[it] && gk < K;
-      if (vec_p) {
-        // vec_p implies K % 8 == 0 (a chunk is wholly in or out of K) and a 16-byte aligned P,
-        // so even the unread source of a zero-fill is aligned, as cp.async requires.
-        cp_async16(dst, in ? prow[it] + gk : P, in);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = in && gk + e < K ? prow[it][gk + e] : zero;
-      }
+      load_chunk(as + row * LDA + col, in ? prow[it] + gk : P, in, K - gk, vec_p, P);
     }
 #pragma unroll
     for (int it = 0; it < 2; ++it) {
@@ -126,25 +317,13 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
       if constexpr (Q_NK) {
         const int row = c >> 2, col = (c & 3) * 8;
         const int64_t gn = n0 + row, gk = k0 + col;
-        T* dst = bs + row * LDA + col;
         const bool in = gn < N && gk < K;
-        if (vec_q) {
-          cp_async16(dst, in ? Q + gn * ldq + gk : Q, in);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) dst[e] = in && gk + e < K ? Q[gn * ldq + gk + e] : zero;
-        }
+        load_chunk(bs + row * LDA + col, in ? Q + gn * ldq + gk : Q, in, K - gk, vec_q, Q);
       } else {
         const int row = c >> 4, col = (c & 15) * 8;
         const int64_t gk = k0 + row, gn = n0 + col;
-        T* dst = bs + row * LDB_NN + col;
         const bool in = gk < K && gn < N;
-        if (vec_q) {
-          cp_async16(dst, in ? Q + gk * ldq + gn : Q, in);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) dst[e] = in && gn + e < N ? Q[gk * ldq + gn + e] : zero;
-        }
+        load_chunk(bs + row * LDB_NN + col, in ? Q + gk * ldq + gn : Q, in, N - gn, vec_q, Q);
       }
     }
   };
@@ -161,120 +340,9 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
     cp_async_commit();
   }
 
-  // ---- init: the LoRA term in the accumulator layout -----------------------------------------
   float acc[4][4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-
-  // One r-deep pass: acc += sum_r Ls[row, r] * Rs[col, r] over ranks [0, re), 16 at a time,
-  // Ls / Rs filled by the two loaders (row / col within the tile, rank) -> fp32.
-  auto rank_pass = [&](int re, auto&& load_l, auto&& load_r) {
-    for (int r0 = 0; r0 < re; r0 += 16) {
-      for (int i = tid; i < BM * 16; i += 256) {
-        const int mm = i >> 4, rr = i & 15;
-        Ls[mm * LDI + rr] = r0 + rr < re ? load_l(mm, r0 + rr) : 0.f;
-      }
-      for (int i = tid; i < BN * 16; i += 256) {
-        const int nn = i >> 4, rr = i & 15;
-        Rs[nn * LDI + rr] = r0 + rr < re ? load_r(nn, r0 + rr) : 0.f;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float lv[16];
-          const float* lrow = Ls + (wm * 64 + i * 16 + g + h * 8) * LDI;
-#pragma unroll
-          for (int rr = 0; rr < 16; ++rr) lv[rr] = lrow[rr];
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float* rrow = Rs + (wn * 32 + j * 8 + t4 * 2 + e) * LDI;
-              float a = acc[i][j][h * 2 + e];
-#pragma unroll
-              for (int rr = 0; rr < 16; ++rr) a = fmaf(lv[rr], rrow[rr], a);
-              acc[i][j][h * 2 + e] = a;
-            }
-        }
-      __syncthreads();
-    }
-  };
-  auto load_rt = [&](int64_t slot_off, int nn, int r) -> float {
-    const int64_t n = n0 + nn;
-    return n < N ? ldf(ia.Rt, slot_off + n * ia.srt_n + r * ia.srt_r, ia.rt_dt) : 0.f;
-  };
-
-  __syncthreads();  // row_pm
-  if (blockIdx.z == 0) {  // block-uniform: the init's barriers are reached by all or none
-  if (ia.ids == nullptr) {
-    rank_pass(
-        ia.R,
-        [&](int mm, int r) -> float {
-          const int64_t m = m0 + mm;
-          return m < M ? ia.L[row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
-        },
-        [&](int nn, int r) -> float { return load_rt(0, nn, r); });
-  } else {
-    if (tid < BM) {
-      const int64_t m = m0 + tid;
-      int64_t id = m < M ? ia.ids[row_pm[tid]] : -1;
-      if (id < 0 || id >= ia.n_slots || live_ranks(ia.ranks, id, ia.R) == 0) id = -1;
-      row_slot[tid] = static_cast<int>(id);
-      row_done[tid] = id < 0;
-    }
-    __syncthreads();
-    for (int pass = 0; pass < MAX_SLOT_PASSES; ++pass) {
-      if (tid == 0) {  // the slot of the first row still to serve (deterministic order)
-        int cur = -1;
-        for (int mm = 0; mm < BM && cur < 0; ++mm)
-          if (!row_done[mm]) cur = row_slot[mm];
-        *cur_slot = cur;
-      }
-      __syncthreads();
-      const int cur = *cur_slot;
-      if (cur < 0) break;  // uniform: every thread read the same value
-      const float sc = ia.row_scale != nullptr ? ia.row_scale[cur] : 1.f;
-      rank_pass(
-          live_ranks(ia.ranks, cur, ia.R),
-          [&](int mm, int r) -> float {
-            return row_slot[mm] == cur ? sc * ia.L[row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
-          },
-          [&](int nn, int r) -> float { return load_rt(cur * ia.srt_s, nn, r); });
-      if (tid < BM && row_slot[tid] == cur) row_done[tid] = 1;
-      __syncthreads();
-    }
-  }
-  // alpha, dropout, the gather fallback for rows of slots past MAX_SLOT_PASSES, bias.
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int mm = wm * 64 + i * 16 + g + h * 8;
-      const int64_t m = m0 + mm;
-      if (m >= M) continue;
-      const int64_t pm = row_pm[mm];
-      const bool gather = ia.ids != nullptr && !row_done[mm];
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t n = n0 + wn * 32 + j * 8 + t4 * 2 + e;
-          if (n >= N) continue;
-          float v = acc[i][j][h * 2 + e];
-          if (gather) v += gather_sum(ia, pm, n);
-          v *= ia.alpha;
-          if (ia.drop.on && !keep(pm * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) v = 0.f;
-          if (ia.bias != nullptr) v += ldf(ia.bias, n * ia.s_bias, ia.bias_dt);
-          acc[i][j][h * 2 + e] = v;
-        }
-    }
-  }  // blockIdx.z == 0
+  const MmaFrag fr{acc, warp >> 2, warp & 3, lane >> 2, lane & 3};  // warp tile (wm*64, wn*32)
+  tile_init(fr, ia, sm, m0, n0, M, N);
 
   // ---- main loop -----------------------------------------------------------------------------
   // ldmatrix addresses: lane l gives row l%8 of 8x8 matrix l/8. A (16x16 at (r, k)): matrices
@@ -283,9 +351,9 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   // = {b0, b1} of n-tile 2jj, {b0, b1} of n-tile 2jj+1. [K][N] with .trans: (k 0-7, n 0-7),
   // (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), the same registers.
   const int lq = lane >> 3, lr = lane & 7;
-  const int a_off = (wm * 64 + lr + (lq & 1) * 8) * LDA + (lq >> 1) * 8;
-  const int b_off = Q_NK ? (wn * 32 + lr + (lq >> 1) * 8) * LDA + (lq & 1) * 8
-                         : (lr + (lq & 1) * 8) * LDB_NN + wn * 32 + (lq >> 1) * 8;
+  const int a_off = (fr.wm * 64 + lr + (lq & 1) * 8) * LDA + (lq >> 1) * 8;
+  const int b_off = Q_NK ? (fr.wn * 32 + lr + (lq >> 1) * 8) * LDA + (lq & 1) * 8
+                         : (lr + (lq & 1) * 8) * LDB_NN + fr.wn * 32 + (lq >> 1) * 8;
   for (int kt = 0; kt < nk; ++kt) {
     cp_async_wait<STAGES - 2>();  // stage kt has landed (for this thread) ...
     __syncthreads();              // ... for every thread; stage kt-1 is free for reuse
@@ -318,33 +386,153 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
     }
   }
   cp_async_wait<0>();
+  tile_store(fr, C, ldc, vec_c, part, sm.row_pm, m0, n0, M, N);
+}
 
-  // ---- epilogue: C written once; a thread's two adjacent columns go out as one 4-byte store --
-  // Split-K (part != nullptr): fp32 partials [splits, M, N] at the physical rows instead.
-  float* part_z = part != nullptr ? part + static_cast<int64_t>(blockIdx.z) * M * N : nullptr;
+// ---- Tensor-core GEMM, wgmma (sm_90a): the same contract as gemm_tc_kernel -----------------------
+// On an H100/H200, mma.sync is not the fast path to the tensor cores: public measurements put it
+// at roughly 60-65% of the dense bf16 peak (989 TFLOPS) that the warpgroup MMA (wgmma), which
+// the Triton kernels' GEMMs use there, approaches. Here 2 warpgroups each own 64 rows x 128
+// columns of the 128x128 tile and issue wgmma.m64n128k16 straight from shared memory (no
+// ldmatrix, no operand registers; 64 fp32 accumulators a thread, 172-178 registers, no spills:
+// ptxas sm_90a). BK = 64: one 128-byte row of 16-bit k per tile row, so every operand tile is a
+// stack of 128-byte-swizzle atoms (8 rows x 128 B = 1 KB, 16-byte chunk c of row r stored at
+// chunk c ^ (r % 8): conflict-free for the tensor core and for the 16-byte cp.async stores, PTX
+// ISA "Shared Memory Matrix Layout"):
+//   P and (Q_NK) Q tiles [128 rows][64 k]: K-major, row r at 128 r bytes, stride byte offset
+//   (between 8-row atoms) 1 KB; a k16 step moves the start address by 32 bytes.
+//   Q as [K, N] (dx): [64 k][128 n] N-major (trans-b), two 64-column halves 8 KB apart (the
+//   leading byte offset), each 64 k-rows of 128 B (stride byte offset 1 KB between 8-row
+//   groups); a k16 step moves the start address by 2 KB.
+// Pipeline: loads run LOOK = STAGES - 2 stages ahead of the MMAs and one MMA group stays in
+// flight behind them (wgmma_wait<1>), so issuing a stage's MMAs does not wait for the previous
+// stage's to finish: at iteration kt the load goes to the slot of stage kt - 2, whose MMAs every warpgroup
+// retired (wait<1> at kt - 1) before the barrier. A stage is 128x128x64 MACs, ~0.28 us at the
+// SM's share of peak, so LOOK = 3 stages cover ~0.8 us of DRAM latency. Smem: 5 stages x 32 KB +
+// 18 KB init + 1 KB to align the atoms (the dynamic base is only 16-byte aligned) = 180 KB.
+// The init, tile order, split-K, row_map and edges are those of gemm_tc_kernel.
+constexpr int WG_BK = 64, WG_STAGES = 5, WG_LOOK = WG_STAGES - 2;
+constexpr int WG_TILE = BM * WG_BK;  // halves per operand tile and stage (16 KB)
+constexpr int wg_smem_bytes() { return WG_STAGES * 2 * WG_TILE * 2 + kInitSmem + 1024; }
+
+// Element offset of 16-byte chunk `c` (8 halves) of row `r` in a K-major swizzled tile.
+__device__ __forceinline__ int swz_k(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
+// Element offset of chunk `c` (of 16 along n) of k-row `k` in the N-major [64 k][128 n] tile.
+__device__ __forceinline__ int swz_n(int k, int c) {
+  return (c >> 3) * (WG_BK * 64) + k * 64 + (((c & 7) ^ (k & 7)) << 3);
+}
+
+template <typename T, bool Q_NK>
+__global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
+    const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
+    int vec_q, T* __restrict__ C, int64_t ldc, int vec_c, int M, int N, int K, InitArgs ia,
+    float* __restrict__ part, int k_split) {
+#if FL_HAS_WGMMA
+  FL_DYNAMIC_SMEM(smem_raw);
+  // Swizzle atoms need 1024-byte aligned shared-window addresses (descriptor base offset 0).
+  unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
+  T* As = reinterpret_cast<T*>(smem);                    // [WG_STAGES][128][64] swizzled
+  T* Bs = As + WG_STAGES * WG_TILE;                      // [WG_STAGES] 128 n x 64 k either way
+  const InitSmem sm(reinterpret_cast<unsigned char*>(Bs + WG_STAGES * WG_TILE));
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  int tile_m, tile_n;
+  tile_coords(tile_m, tile_n);
+  const int64_t m0 = static_cast<int64_t>(tile_m) * BM;
+  const int64_t n0 = static_cast<int64_t>(tile_n) * BN;
+  auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
+  if (tid < BM) sm.row_pm[tid] = m0 + tid < M ? phys(m0 + tid) : 0;
+
+  // P: 128 rows x 8 chunks = 1024 chunks, 4 per thread: chunk tid & 7 of rows tid/8 + 32 it.
+  const int pc = tid & 7;
+  const T* prow[4];
+  bool prow_ok[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int it = 0; it < 4; ++it) {
+    const int64_t gm = m0 + (tid >> 3) + it * 32;
+    prow_ok[it] = gm < M;
+    prow[it] = prow_ok[it] ? P + phys(gm) * ldp : P;
+  }
+  auto load_stage = [&](int stage, int64_t k0) {
+    T* as = As + stage * WG_TILE;
+    T* bs = Bs + stage * WG_TILE;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int mm = wm * 64 + i * 16 + g + h * 8;
-      if (m0 + mm >= M) continue;
-      T* crow = C + row_pm[mm] * ldc;
-      float* prow = part_z != nullptr ? part_z + row_pm[mm] * N : nullptr;
+    for (int it = 0; it < 4; ++it) {
+      const int row = (tid >> 3) + it * 32;
+      const int64_t gk = k0 + pc * 8;
+      const bool in = prow_ok[it] && gk < K;
+      load_chunk(as + swz_k(row, pc), in ? prow[it] + gk : P, in, K - gk, vec_p, P);
+    }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t n = n0 + wn * 32 + j * 8 + t4 * 2;
-        const float v0 = acc[i][j][h * 2], v1 = acc[i][j][h * 2 + 1];
-        if (prow != nullptr) {
-          if (n < N) prow[n] = v0;
-          if (n + 1 < N) prow[n + 1] = v1;
-        } else if (vec_c && n + 1 < N) {
-          store2(crow + n, v0, v1);
-        } else {
-          if (n < N) crow[n] = from_f<T>(v0);
-          if (n + 1 < N) crow[n + 1] = from_f<T>(v1);
-        }
+    for (int it = 0; it < 4; ++it) {
+      if constexpr (Q_NK) {  // [128 n][64 k], as P
+        const int row = (tid >> 3) + it * 32;
+        const int64_t gn = n0 + row, gk = k0 + pc * 8;
+        const bool in = gn < N && gk < K;
+        load_chunk(bs + swz_k(row, pc), in ? Q + gn * ldq + gk : Q, in, K - gk, vec_q, Q);
+      } else {  // [64 k][128 n]: 16 chunks a k-row, chunk tid & 15 of k-rows tid/16 + 16 it
+        const int kr = (tid >> 4) + it * 16, c = tid & 15;
+        const int64_t gk = k0 + kr, gn = n0 + c * 8;
+        const bool in = gk < K && gn < N;
+        load_chunk(bs + swz_n(kr, c), in ? Q + gk * ldq + gn : Q, in, N - gn, vec_q, Q);
       }
     }
+  };
+
+  const int64_t kb = static_cast<int64_t>(blockIdx.z) * k_split;
+  const int nk =
+      static_cast<int>((min(static_cast<int64_t>(K), kb + k_split) - kb + WG_BK - 1) / WG_BK);
+#pragma unroll
+  for (int s = 0; s < WG_LOOK; ++s) {
+    if (s < nk) load_stage(s, kb + static_cast<int64_t>(s) * WG_BK);
+    cp_async_commit();
+  }
+
+  // The init goes to its own registers and is added after the last MMA: with it as the MMAs'
+  // starting accumulator (as gemm_tc_kernel does), ptxas copies accumulator registers inside
+  // the pipelined loop and serialises every wgmma (warning C7515); zero-started accumulators
+  // cost 64 more registers (172-178 in all, no spills; one 256-thread block per SM either way).
+  float ini[64], acc[64];
+  const int wg = warp >> 2;
+  const WgFrag fr{ini, wg, warp & 3, lane >> 2, lane & 3};
+  tile_init(fr, ia, sm, m0, n0, M, N);
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+  const uint32_t a_base = smem_u32(As) + wg * 64 * 128;  // this warpgroup's 64 rows: 8 atoms
+  const uint32_t b_base = smem_u32(Bs);
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<WG_LOOK - 1>();  // stage kt has landed (for this thread) ...
+    fence_proxy_async();           // ... is visible to the tensor cores' (async) reads ...
+    __syncthreads();               // ... for every thread; stage kt-2's MMAs are retired
+    if (kt + WG_LOOK < nk)
+      load_stage((kt + WG_LOOK) % WG_STAGES, kb + static_cast<int64_t>(kt + WG_LOOK) * WG_BK);
+    cp_async_commit();
+    const int s = kt % WG_STAGES;
+    const uint32_t a_st = a_base + s * WG_TILE * 2, b_st = b_base + s * WG_TILE * 2;
+    wgmma_fence_acc(acc);  // the accumulators stay in their registers across the async MMAs
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < WG_BK / 16; ++ks) {
+      const uint64_t da = wgmma_desc_128b(a_st + ks * 32, 16, 1024);
+      if constexpr (Q_NK)
+        wgmma_m64n128k16<T, 0>(acc, da, wgmma_desc_128b(b_st + ks * 32, 16, 1024));
+      else
+        wgmma_m64n128k16<T, 1>(acc, da, wgmma_desc_128b(b_st + ks * 2048, WG_BK * 128, 1024));
+    }
+    wgmma_commit();
+    wgmma_fence_acc(acc);
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  wgmma_fence_acc(acc);
+  cp_async_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 64; ++i) ini[i] += acc[i];
+  tile_store(fr, C, ldc, vec_c, part, sm.row_pm, m0, n0, M, N);
+#else
+  __trap();  // launched only where fl_has_wgmma() (an sm_90a build on a 9.0 device)
+#endif
 }
 
 // C[m, n] = sum_z part[z, m, n], z in order (deterministic), rounded once to T.
@@ -487,6 +675,25 @@ __global__ void __launch_bounds__(256) gemv_kernel(
 
 }  // namespace
 
+bool use_wgmma() {
+  const char* e = std::getenv("FUSED_LORA_CUDA_GEMM");
+  const std::string v = e != nullptr ? e : "";
+  if (v == "mma") return false;
+  if (v == "wgmma") {
+    TORCH_CHECK(fl_has_wgmma(), "FUSED_LORA_CUDA_GEMM=wgmma: the wgmma GEMM needs an sm_90a "
+                "build (FUSED_LORA_CUDA_ARCHS with 90a, the default) and a compute capability "
+                "9.0 GPU (H100/H200)");
+    return true;
+  }
+  TORCH_CHECK(v.empty() || v == "auto", "FUSED_LORA_CUDA_GEMM must be mma, wgmma or auto, got '",
+              v, "'");
+#ifdef FUSED_LORA_SIM
+  return false;  // the emulator tests pick each GEMM explicitly
+#else
+  return fl_has_wgmma();
+#endif
+}
+
 void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor& C,
                  const InitArgs& ia, fl_stream_t stream) {
   const int64_t M = P.size(0), K = P.size(1), N = C.size(1);
@@ -519,15 +726,18 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
   const int vec_c = C.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(C.data_ptr()) % 4 == 0;
   dim3 grid(cdiv(M, BM), cdiv(N, BN));
   TORCH_CHECK(grid.y <= 65535, "out_features too large for the tensor-core kernel");
+  const bool wg = use_wgmma();
+  const int bk = wg ? WG_BK : BK;
   // Split-K when the tiles do not fill the GPU: decode and small batches (M = 16, N = 4096 is
   // 32 tiles on 132 SMs, each streaming 1/32 of W0 through one SM, far from the HBM
-  // bandwidth) get up to one block per SM (~233 registers: one fits), each split >= 4 k-tiles so
-  // the 4-stage pipeline fills. Partials cost splits x M x N x 4 bytes (5 MB at M = 64,
-  // N = 4096, 5 splits) against W0's 32 MB, summed in order by splitk_finalize_kernel.
+  // bandwidth) get up to one block per SM (one 256-thread block fits an SM: ~240 registers, or
+  // 180 KB of shared memory for wgmma), each split >= 4 k-tiles so the pipeline fills.
+  // Partials cost splits x M x N x 4 bytes (5 MB at M = 64, N = 4096, 5 splits) against W0's
+  // 32 MB, summed in order by splitk_finalize_kernel.
   const int tiles = static_cast<int>(grid.x * grid.y);
-  int splits = std::min({cdiv(fl_sm_count(), tiles), std::max(1, static_cast<int>(K / (4 * BK))),
+  int splits = std::min({cdiv(fl_sm_count(), tiles), std::max(1, static_cast<int>(K / (4 * bk))),
                          kMaxSplits});
-  const int k_split = cdiv(cdiv(K, std::max(splits, 1)), BK) * BK;
+  const int k_split = cdiv(cdiv(K, std::max(splits, 1)), bk) * bk;
   splits = cdiv(K, k_split);
   grid.z = splits;
   at::Tensor part = splits > 1 ? fl_empty({splits, M, N}, C.options().dtype(at::kFloat))
@@ -535,14 +745,18 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
   auto launch = [&](auto tag, auto q_nk_tag) {
     using T = decltype(tag);
     constexpr bool kQnk = decltype(q_nk_tag)::value;
-    constexpr int smem = tc_smem_bytes<kQnk>();
-    auto kern = gemm_tc_kernel<T, kQnk>;
-    FL_SET_SMEM(kern, smem);
-    FL_LAUNCH(kern, grid, 256, smem, stream, reinterpret_cast<const T*>(Pc.data_ptr()),
-              Pc.stride(0), vec_p, reinterpret_cast<const T*>(Qc.data_ptr()), Qc.stride(0),
-              vec_q, reinterpret_cast<T*>(C.data_ptr()), C.stride(0), vec_c, static_cast<int>(M),
-              static_cast<int>(N), static_cast<int>(K), ia,
-              splits > 1 ? part.data_ptr<float>() : nullptr, k_split);
+    auto run = [&](auto kern, int smem) {
+      FL_SET_SMEM(kern, smem);
+      FL_LAUNCH(kern, grid, 256, smem, stream, reinterpret_cast<const T*>(Pc.data_ptr()),
+                Pc.stride(0), vec_p, reinterpret_cast<const T*>(Qc.data_ptr()), Qc.stride(0),
+                vec_q, reinterpret_cast<T*>(C.data_ptr()), C.stride(0), vec_c,
+                static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), ia,
+                splits > 1 ? part.data_ptr<float>() : nullptr, k_split);
+    };
+    if (wg)
+      run(gemm_wgmma_kernel<T, kQnk>, wg_smem_bytes());
+    else
+      run(gemm_tc_kernel<T, kQnk>, tc_smem_bytes<kQnk>());
     if (splits > 1)
       FL_LAUNCH(splitk_finalize_kernel<T>, cdiv(M * N, 256), 256, 0, stream,
                 part.data_ptr<float>(), splits, M, N, reinterpret_cast<T*>(C.data_ptr()),

@@ -9,6 +9,27 @@ import platform
 import sys
 
 
+def _cuda_gemm(_ext) -> str:
+    """Which tensor-core GEMM backend='cuda' runs for fp16/bf16 here, and why."""
+    import os
+
+    import torch
+
+    forced = os.environ.get("FUSED_LORA_CUDA_GEMM", "")
+    if not _ext.has_cuda_kernels():
+        return "none (no CUDA kernels in the extension)"
+    has_90a = "90a" in str(_ext.build_info().get("archs") or "")
+    if not torch.cuda.is_available():
+        return ("wgmma on compute capability 9.0 GPUs, mma.sync elsewhere" if has_90a
+                else "mma.sync (built without sm_90a)") + " (no GPU here)"
+    if forced in ("mma", "wgmma"):
+        return f"{forced} (FUSED_LORA_CUDA_GEMM={forced})"
+    if _ext.wgmma_available():
+        return "wgmma (sm_90a build, compute capability 9.0; FUSED_LORA_CUDA_GEMM=mma for mma.sync)"
+    cc = ".".join(map(str, torch.cuda.get_device_capability()))
+    return f"mma.sync (compute capability {cc}" + ("" if has_90a else ", built without sm_90a") + ")"
+
+
 def info() -> dict:
     import torch
 
@@ -32,6 +53,7 @@ def info() -> dict:
         "extension": _ext.ext_error() or "loaded",
         "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "extension_build": _ext.build_info(),
+        "cuda_gemm": _cuda_gemm(_ext),
         "backends": dispatch.report(),
         "dispatch_table": (
             f"{len(dispatch.measured_table())} measured entries in {dispatch.MEASURED_TABLE_PATH.name}"

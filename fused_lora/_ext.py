@@ -45,6 +45,17 @@ def build_info() -> dict:
     return {}
 
 
+def wgmma_available(device: Optional[torch.device] = None) -> bool:
+    """Whether the CUDA backend's fp16/bf16 GEMMs can run the Hopper wgmma kernel on `device`
+    (default: the current CUDA device): the extension holds sm_90a code (FUSED_LORA_CUDA_ARCHS
+    with 90a, the default) and the GPU is compute capability 9.0. Where true, the kernels use it
+    unless FUSED_LORA_CUDA_GEMM=mma."""
+    if _ERROR is not None or not torch.cuda.is_available():
+        return False
+    archs = str(build_info().get("archs") or "")
+    return "90a" in archs and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def _ns():
     return torch.ops.fused_lora_C
 

@@ -36,5 +36,7 @@ run 0 memcheck memcheck-graphs.log -k "graph" "$@"
 if [ "${SANITIZE_FULL:-0}" = 1 ]; then  # ~10-100x slower than memcheck: opt-in on a short lease
   run 1 racecheck racecheck.log -k "fwd_bwd_vs_reference and 130x264x200x16" "$@"
   run 1 initcheck initcheck.log -k "fwd_bwd_vs_reference and 130x264x200x16 and float16" "$@"
+  # both tensor-core GEMMs where their pipelines reuse every stage slot (11 k-stages)
+  run 1 racecheck racecheck-gemms.log -k "both_gemms and 257x700x256x16 and float16" "$@"
 fi
 echo "sanitizer logs in $LOG_DIR/"

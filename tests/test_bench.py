@@ -138,3 +138,35 @@ def test_module_entry_point():
     spec = importlib.util.find_spec("fused_lora.bench.__main__")
     assert spec is not None and spec.origin is not None
     assert callable(cli.main) and sys.modules["fused_lora.bench.__main__"] is cli
+
+
+def test_env_scoped_covers_forward_and_backward(monkeypatch):
+    """fused_cuda_mma / fused_triton_inloop: the launchers read their variable per call, in the
+    forward and in the backward (which autograd runs later): both must see it, nothing after."""
+    import os
+
+    from fused_lora.bench.suite_linear import _env_scoped
+
+    monkeypatch.delenv("FUSED_LORA_TEST_VAR", raising=False)
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", os.environ.get("FUSED_LORA_TEST_VAR")))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", os.environ.get("FUSED_LORA_TEST_VAR")))
+            return g * 2
+
+    fn = _env_scoped(Probe.apply, "FUSED_LORA_TEST_VAR", "on")
+    x = torch.randn(3, requires_grad=True)
+    y = fn(x)
+    assert os.environ.get("FUSED_LORA_TEST_VAR") is None
+    y.sum().backward(retain_graph=True)  # the bwd mode replays one graph's backward
+    y.sum().backward()
+    assert seen == [("fwd", "on"), ("bwd", "on"), ("bwd", "on")]
+    assert os.environ.get("FUSED_LORA_TEST_VAR") is None
+    assert torch.equal(x.grad, torch.full((3,), 4.0))

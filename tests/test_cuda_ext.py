@@ -603,3 +603,53 @@ def test_gpu_multi_prefill_cuda_graph_replay():
     args[6].copy_(torch.randint(-1, S, (M,), device="cuda"))
     _multi_graph_replay(args, torch.randn(M, 48, device="cuda").bfloat16(),
                         lambda i: torch.randint(-1, S, (M,), device="cuda"))
+
+
+# --- both tensor-core GEMMs (FUSED_LORA_CUDA_GEMM): mma.sync everywhere, wgmma on sm_90a ------
+
+def _wgmma_available() -> bool:
+    archs = str(_ext.build_info().get("archs") or "")
+    return HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and "90a" in archs
+
+
+# (M, K, N, R): BK = 64 edges (K = 64, 700 = 11 stages: every wgmma stage slot reused while its
+# MMAs are in flight), K odd (scalar loads into the swizzled tiles), split-K (M = 20 and 64),
+# ragged tiles, and one training-sized case (2048 x 4096 x 4096).
+GEMM_SHAPES = [(9, 64, 128, 16), (20, 1000, 40, 16), (64, 4096, 4096, 16), (129, 67, 129, 1),
+               (257, 700, 256, 16), (300, 136, 700, 33), (2048, 4096, 4096, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["mma", "wgmma"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_both_gemms(monkeypatch, gemm, shape, dtype):
+    if gemm == "wgmma" and not _wgmma_available():
+        pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", gemm)
+    _gpu_case(shape, dtype, bias=shape[0] % 2 == 1, dropout=0.2)
+    args = list(_multi_args("cuda", dtype, None, shape[0], shape[1], shape[2], 5, shape[3],
+                            ranks=False))
+    _multi_check(tuple(args), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_wgmma_graph_replay_and_agreement(monkeypatch):
+    if not _wgmma_available():
+        pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "wgmma")
+    test_gpu_cuda_graph_replay()
+    test_gpu_multi_prefill_cuda_graph_replay()
+    x, w, b, a, bb = _args("cuda", torch.bfloat16, None, 1024, 2048, 1536, 16)
+    y_wg, _ = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1)
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "mma")
+    y_mma, _ = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1)
+    torch.testing.assert_close(y_wg.float(), y_mma.float(), atol=3e-2, rtol=1.6e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_gemm_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "tensorcores")
+    x, w, b, a, bb = _args("cuda", torch.float16, None, 129, 64, 128, 4)
+    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma or auto"):
+        C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1)

@@ -391,7 +391,7 @@ bool is_asan() {
 
 std::vector<int64_t> sim_stats() {
   const auto s = sim::stats();
-  return {s.launches, s.blocks, s.switches, s.stack_used, s.stack_size};
+  return {s.launches, s.blocks, s.switches, s.stack_used, s.stack_size, s.mma, s.wgmma};
 }
 
 void set_schedule(int64_t order) {

@@ -28,6 +28,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <exception>
 #include <mutex>
 #include <new>
@@ -67,7 +68,10 @@ namespace sim {
 namespace {
 
 enum class St : uint8_t { Ready, Barrier, Warp, Done, Failed };
-enum Op : uint8_t { kOpNone = 0, kOpSyncwarp, kOpShfl, kOpVote, kOpLdm, kOpMma };
+enum Op : uint8_t {
+  kOpNone = 0, kOpSyncwarp, kOpShfl, kOpVote, kOpLdm, kOpMma,
+  kOpWgFence, kOpWgMma, kOpWgCommit, kOpWgWait,  // warpgroup collectives
+};
 
 struct Copy {
   unsigned char* dst;
@@ -105,6 +109,18 @@ struct Fiber {
   void* asan_fake = nullptr;
 };
 
+// One queued wgmma.mma_async (a whole warpgroup's): operands are read when it is retired.
+struct WgOp {
+  bool bf16, trans_b;
+  uint64_t da, db;
+  float* d[128];  // each thread's 64 accumulators
+};
+struct WgState {
+  int arrived = 0;
+  std::vector<WgOp> open;                  // issued, not yet committed
+  std::deque<std::vector<WgOp>> groups;    // committed, oldest first
+};
+
 struct Sim {
   std::recursive_mutex mu;
   bool active = false;
@@ -112,6 +128,7 @@ struct Sim {
   std::vector<Fiber*> fibers;  // stable addresses, reused across launches
   int n = 0, nwarps = 0;
   std::vector<unsigned> warp_waiting, warp_gone;
+  std::vector<WgState> wgs;
   std::vector<int> ready;  // ring buffer
   size_t rq_head = 0, rq_count = 0;
   int bar_count = 0, done_count = 0;
@@ -131,7 +148,7 @@ struct Sim {
   int order = 0;  // 0: threads start in order 0..n-1; 1: reversed
   bool switch_from_sched = false;
   // stats
-  long long launches = 0, blocks = 0, switches = 0;
+  long long launches = 0, blocks = 0, switches = 0, mma = 0, wgmma = 0;
   // ASan fiber bookkeeping
   void* sched_fake = nullptr;
   const void* main_bottom = nullptr;
@@ -191,6 +208,10 @@ const char* op_name(const Fiber& f) {
              : f.kind == 2 ? (f.flag ? "ldmatrix_x2_trans" : "ldmatrix_x2")
                            : "ldmatrix";
     case kOpMma: return f.kind ? "mma_16816<bf16>" : "mma_16816<f16>";
+    case kOpWgFence: return "wgmma_fence";
+    case kOpWgMma: return f.kind ? "wgmma_m64n128k16<bf16>" : "wgmma_m64n128k16<f16>";
+    case kOpWgCommit: return "wgmma_commit";
+    case kOpWgWait: return "wgmma_wait";
     default: return "?";
   }
 }
@@ -499,6 +520,7 @@ void perform(Fiber* self, int w, unsigned mask) {
       break;
     }
     case kOpMma: {
+      ++g.mma;
       const bool bf16 = f0.kind != 0;
       float A[16][16], B[16][8], D[16][8];
       for (int l = 0; l < 32; ++l) {
@@ -582,6 +604,133 @@ void warp_collective(Fiber* f) {
   block_current(f);
 }
 
+// ---- warpgroup collectives (wgmma) -------------------------------------------------------------
+// The dynamic shared memory's shared-window address: not 1024-byte aligned on purpose (see
+// simt_emu.h), and low enough that every address fits a descriptor's 18 bits.
+constexpr uint32_t kDynShared = 0x410;
+
+// Byte `a` of the shared window as the 128-byte swizzle places it: 16-byte chunk bits 4-6 XOR
+// row bits 7-9 (Swizzle<3,4,3> of the PTX ISA's canonical layouts), then into the dynamic
+// shared memory; nullptr when outside it.
+const unsigned char* swizzled(uint32_t a) {
+  Sim& g = G();
+  const uint32_t p = a ^ (((a >> 7) & 7u) << 4);
+  if (p < kDynShared || p + 2 > kDynShared + g.dyn_size) return nullptr;
+  return g.dyn + (p - kDynShared);
+}
+
+// Retires one queued MMA: D[64][128] += A[64][16] B[16][128], fp32 in k order (PTX ISA
+// 9.7.15.5.1: A K-major; B K-major, or N-major when trans_b; D fragments: thread i of the
+// warpgroup holds rows 16(i/32) + (i%32)/4 (+8) and columns 8j + 2(i%4) (+1), j < 16, as
+// d[4j .. 4j+3]).
+void retire(Fiber* self, const WgOp& op) {
+  ++G().wgmma;
+  const auto field = [](uint64_t d, int lo) { return static_cast<uint32_t>((d >> lo) & 0x3FFF) << 4; };
+  for (const uint64_t d : {op.da, op.db}) {
+    if ((d >> 62) != 1 || ((d >> 49) & 7) != 0)
+      fail_fiber(self, fmt("wgmma descriptor 0x%016llx: the emulator models the 128-byte swizzle "
+                           "with base offset 0 only", static_cast<unsigned long long>(d)));
+  }
+  const uint32_t a0 = field(op.da, 0), a_sbo = field(op.da, 32);
+  const uint32_t b0 = field(op.db, 0), b_lbo = field(op.db, 16), b_sbo = field(op.db, 32);
+  static thread_local float A[64][16], B[16][128], D[64][128];
+  auto load = [&](uint32_t addr, const char* which, int r, int c) -> float {
+    const unsigned char* q = swizzled(addr);
+    if (q == nullptr)
+      fail_fiber(self, fmt("wgmma: element (%d, %d) of %s is at shared address 0x%x, outside the "
+                           "dynamic shared memory", r, c, which, addr));
+    return b16_to_float(ld16(q), op.bf16);
+  };
+  for (int m = 0; m < 64; ++m)  // K-major: rows of 128 bytes in atoms of 8, atoms SBO apart
+    for (int k = 0; k < 16; ++k)
+      A[m][k] = load(a0 + (m % 8) * 128 + (m / 8) * a_sbo + k * 2, "A", m, k);
+  for (int n = 0; n < 128; ++n)
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t off = op.trans_b
+          ? (n % 64) * 2 + (n / 64) * b_lbo + (k % 8) * 128 + (k / 8) * b_sbo  // N-major
+          : (n % 8) * 128 + (n / 8) * b_sbo + k * 2;                            // K-major
+      B[k][n] = load(b0 + off, "B", k, n);
+    }
+  for (int i = 0; i < 128; ++i) {
+    const float* d = op.d[i];
+    const int r = 16 * (i / 32) + (i % 32) / 4, c = 2 * (i % 4);
+    for (int j = 0; j < 16; ++j) {
+      D[r][8 * j + c] = d[4 * j];
+      D[r][8 * j + c + 1] = d[4 * j + 1];
+      D[r + 8][8 * j + c] = d[4 * j + 2];
+      D[r + 8][8 * j + c + 1] = d[4 * j + 3];
+    }
+  }
+  for (int m = 0; m < 64; ++m)
+    for (int n = 0; n < 128; ++n) {
+      float acc = D[m][n];
+      for (int k = 0; k < 16; ++k) acc = std::fma(A[m][k], B[k][n], acc);
+      D[m][n] = acc;
+    }
+  for (int i = 0; i < 128; ++i) {
+    float* d = op.d[i];
+    const int r = 16 * (i / 32) + (i % 32) / 4, c = 2 * (i % 4);
+    for (int j = 0; j < 16; ++j) {
+      d[4 * j] = D[r][8 * j + c];
+      d[4 * j + 1] = D[r][8 * j + c + 1];
+      d[4 * j + 2] = D[r + 8][8 * j + c];
+      d[4 * j + 3] = D[r + 8][8 * j + c + 1];
+    }
+  }
+}
+
+// f (running) arrives at the warpgroup collective in its op fields; returns when it completed.
+void wg_collective(Fiber* f) {
+  Sim& g = G();
+  if (g.n % 128 != 0)
+    fail_fiber(f, fmt("%s in a block of %d threads: warpgroups need a multiple of 128",
+                      op_name(*f), g.n));
+  const int wg = f->tid / 128;
+  for (int w = 4 * wg; w < 4 * wg + 4; ++w)
+    if (const unsigned gone = g.warp_gone[w])
+      fail_fiber(f, fmt("%s: thread %d of the warpgroup has exited (a divergent warpgroup "
+                        "collective)", op_name(*f), w * 32 + __builtin_ctz(gone)));
+  WgState& st = g.wgs[wg];
+  if (++st.arrived < 128) {
+    f->st = St::Warp;
+    block_current(f);
+    return;
+  }
+  st.arrived = 0;
+  Fiber** th = &g.fibers[wg * 128];
+  for (int i = 0; i < 128; ++i) {
+    const Fiber& o = *th[i];
+    if (o.op != f->op || o.kind != f->kind || o.flag != f->flag || o.val != f->val ||
+        o.res != f->res)
+      fail_fiber(f, fmt("%s: thread %d of the warpgroup is at %s (or passed other operands): a "
+                        "divergent warpgroup collective", op_name(*f), wg * 128 + i,
+                        op_name(o)));
+  }
+  switch (f->op) {
+    case kOpWgMma: {
+      WgOp op{f->kind != 0, f->flag, f->val, f->res, {}};
+      for (int i = 0; i < 128; ++i) op.d[i] = static_cast<float*>(th[i]->out);
+      st.open.push_back(op);
+      break;
+    }
+    case kOpWgCommit:
+      st.groups.push_back(std::move(st.open));
+      st.open.clear();
+      break;
+    case kOpWgWait:
+      while (static_cast<int>(st.groups.size()) > f->arg) {
+        for (const WgOp& op : st.groups.front()) retire(f, op);
+        st.groups.pop_front();
+      }
+      break;
+    default: break;  // kOpWgFence: register ordering only
+  }
+  for (int i = 0; i < 128; ++i) {
+    th[i]->op = kOpNone;
+    if (th[i] != f) push_ready(th[i]);
+  }
+}
+
 std::string deadlock_report() {
   Sim& g = G();
   std::string s = "deadlock: no thread of the block can proceed (a hang on a GPU). ";
@@ -636,6 +785,15 @@ extern "C" void fl_sim_fiber_entry(Fiber* f) {
   g.warp_gone[f->warp] |= bit;
   f->copies.clear();
   f->copy_head = 0;
+  if (g.n % 128 == 0) {
+    const WgState& st = g.wgs[f->tid / 128];
+    if (st.arrived > 0)
+      fail_fiber(f, "exited while its warpgroup waits at a wgmma collective (a divergent "
+                    "warpgroup collective)");
+    if (!st.open.empty() || !st.groups.empty())
+      fail_fiber(f, "exited with wgmma operations of its warpgroup not waited for "
+                    "(wgmma_commit + wgmma_wait<0> before the accumulators are used)");
+  }
   const unsigned waiting = g.warp_waiting[f->warp];
   for (int l = 0; l < 32; ++l) {
     if (!(waiting >> l & 1u)) continue;
@@ -755,6 +913,40 @@ void mma_16816(bool bf16, float* d, const uint32_t* a, const uint32_t* b) {
   warp_collective(f);
 }
 
+uint32_t smem_addr(const void* p) {
+  Fiber* f = cur_fiber("smem_u32");
+  Sim& g = G();
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  if (g.dyn == nullptr || c < g.dyn || c > g.dyn + g.dyn_size)
+    fail_fiber(f, fmt("smem_u32(%p): the emulator gives shared-window addresses to the dynamic "
+                      "shared memory only", p));
+  return kDynShared + static_cast<uint32_t>(c - g.dyn);
+}
+
+namespace {
+void wg_op(const char* what, uint8_t op, int kind, bool flag, uint64_t v0, uint64_t v1,
+           float* out, int arg) {
+  Fiber* f = cur_fiber(what);
+  f->op = op;
+  f->kind = kind;
+  f->flag = flag;
+  f->width = 32;
+  f->mask = 0xffffffffu;
+  f->val = v0;
+  f->res = v1;
+  f->out = out;
+  f->arg = arg;
+  wg_collective(f);
+}
+}  // namespace
+
+void wg_fence() { wg_op("wgmma_fence", kOpWgFence, 0, false, 0, 0, nullptr, 0); }
+void wg_commit() { wg_op("wgmma_commit", kOpWgCommit, 0, false, 0, 0, nullptr, 0); }
+void wg_wait(int n) { wg_op("wgmma_wait", kOpWgWait, n, false, 0, 0, nullptr, n); }
+void wgmma(bool bf16, bool trans_b, float* d, uint64_t desc_a, uint64_t desc_b) {
+  wg_op("wgmma_m64n128k16", kOpWgMma, bf16 ? 1 : 0, trans_b, desc_a, desc_b, d, 0);
+}
+
 void cp_async16(void* smem, const void* gmem, bool pred) {
   Fiber* f = cur_fiber("cp_async16");
   if (reinterpret_cast<uintptr_t>(smem) % 16 != 0)
@@ -791,7 +983,8 @@ void cp_async_wait(int n) {
 Stats stats() {
   Sim& g = G();
   std::lock_guard<std::recursive_mutex> lock(g.mu);
-  Stats s{g.launches, g.blocks, g.switches, 0, static_cast<long long>(stack_bytes())};
+  Stats s{g.launches, g.blocks, g.switches, 0, static_cast<long long>(stack_bytes()), g.mma,
+          g.wgmma};
   for (Fiber* f : g.fibers) {
     const uint64_t* w = reinterpret_cast<const uint64_t*>(f->stack_lo);
     const size_t nw = f->stack_size / 8;
@@ -860,6 +1053,7 @@ std::string run_launch(const char* name, const void* kernel_id, dim3 grid, dim3 
   g.nwarps = (n + 31) / 32;
   g.warp_waiting.assign(g.nwarps, 0);
   g.warp_gone.assign(g.nwarps, 0);
+  g.wgs.assign(static_cast<size_t>((n + 127) / 128), WgState{});
   if (dyn_smem > 0) {
     void* p = nullptr;
     if (posix_memalign(&p, 128, dyn_smem) != 0) return pre + "out of memory";
@@ -894,6 +1088,7 @@ std::string run_launch(const char* name, const void* kernel_id, dim3 grid, dim3 
         poison_shared();
         g.rq_head = g.rq_count = 0;
         g.bar_count = g.done_count = 0;
+        for (WgState& st : g.wgs) st = WgState{};
         for (int w = 0; w < g.nwarps; ++w) {
           g.warp_waiting[w] = 0;
           const int live = std::min(32, n - w * 32);

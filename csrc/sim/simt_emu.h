@@ -26,6 +26,16 @@
 //     aligned, the destination in shared memory.
 //   * ldmatrix / mma.sync m16n8k16: from the PTX ISA text (see simt_emu.cpp for the sections);
 //     mma accumulates in fp32 in k order (products of fp16/bf16 are exact in fp32).
+//   * wgmma (warpgroup collectives: the 128 threads of warps 4w..4w+3, all of them, .aligned):
+//     wgmma_fence / wgmma_m64n128k16 / wgmma_commit / wgmma_wait complete when every thread of
+//     the warpgroup waits at the same one with the same descriptors. An MMA is only queued when
+//     issued; it reads shared memory and updates the accumulators when wgmma_wait retires its
+//     group, so a stage overwritten before its MMAs were waited for gives wrong results, as it
+//     may on a GPU. Descriptors are decoded from the PTX ISA (128-byte swizzle only: XOR of
+//     address bits 4-6 with bits 7-9 of the shared-window address); the dynamic shared memory
+//     sits at shared address 0x410, deliberately not 1024-byte aligned, so a kernel must align
+//     its swizzle atoms itself. Groups still pending when a thread exits are an error.
+//     Not checked: fence.proxy.async (a no-op here) and reads of accumulators in flight.
 //   * Errors (a kernel bug the emulator detects) are recorded with the block/thread, the launch
 //     is abandoned (no unwinding across fiber stacks) and launch() throws c10::Error naming the
 //     kernel: a RuntimeError in Python. The emulator stays usable after an error.
@@ -111,14 +121,20 @@ void cp_async_commit();
 void cp_async_wait(int n);
 void ldmatrix(int num, bool trans, uint32_t* r, const void* smem);
 void mma_16816(bool bf16, float* d, const uint32_t* a, const uint32_t* b);
+uint32_t smem_addr(const void* p);
+void wg_fence();
+void wgmma(bool bf16, bool trans_b, float* d, uint64_t desc_a, uint64_t desc_b);
+void wg_commit();
+void wg_wait(int n);
 
 enum : int { kShflIdx = 0, kShflXor = 1, kShflUp = 2, kShflDown = 3 };
 enum : int { kVoteBallot = 0, kVoteAny = 1, kVoteAll = 2 };
 
 // Statistics for the tests (selftest op sim_stats): launches, blocks, fiber switches, the stack
-// high-water mark over all fibers so far, and the stack size.
+// high-water mark over all fibers so far, the stack size, and the mma.sync (per warp) and
+// wgmma (per warpgroup) instructions performed so far: which tensor-core path ran.
 struct Stats {
-  long long launches, blocks, switches, stack_used, stack_size;
+  long long launches, blocks, switches, stack_used, stack_size, mma, wgmma;
 };
 Stats stats();
 
@@ -335,6 +351,27 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
                 "mma_16816<T>: T is __half or __nv_bfloat16");
   sim::mma_16816(std::is_same_v<T, __nv_bfloat16>, d, a, b);
+}
+
+// ---- wgmma (the emulator has it on every "device") -----------------------------------------------
+#define FL_HAS_WGMMA 1
+inline bool fl_has_wgmma() { return true; }
+inline uint32_t smem_u32(const void* p) { return sim::smem_addr(p); }
+inline void fence_proxy_async() {}
+inline void wgmma_fence() { sim::wg_fence(); }
+inline void wgmma_commit() { sim::wg_commit(); }
+template <int N>
+inline void wgmma_wait() {
+  static_assert(N >= 0 && N <= 7, "wgmma.wait_group takes N in [0, 7]");
+  sim::wg_wait(N);
+}
+inline void wgmma_fence_acc(float (&)[64]) {}
+template <typename T, int TRANS_B>
+inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "wgmma_m64n128k16<T>: T is __half or __nv_bfloat16");
+  static_assert(TRANS_B == 0 || TRANS_B == 1, "TRANS_B is 0 or 1");
+  sim::wgmma(std::is_same_v<T, __nv_bfloat16>, TRANS_B != 0, d, desc_a, desc_b);
 }
 
 }  // namespace fused_lora

@@ -1,0 +1,176 @@
+"""The Hopper GEMM (gemm_wgmma_kernel in csrc/gemm.cu) under the SIMT emulator.
+
+FUSED_LORA_CUDA_GEMM=wgmma makes every fp16/bf16 tensor-core GEMM of the CUDA ops (forward y,
+dx, mixed-adapter forward and dx) run the wgmma kernel instead of the mma.sync one. The emulator
+queues each wgmma.mma_async and performs it only when wgmma_wait retires its group, reading the
+128-byte-swizzled shared memory through the decoded descriptors (csrc/sim/simt_emu.cpp), with
+the dynamic shared memory at a shared address that is not 1024-byte aligned. So these tests
+fail for a wrong swizzle or descriptor, unaligned swizzle atoms, a stage overwritten while its
+MMAs are in flight (the pipeline's slot reuse), a wrong accumulator fragment map, and the edge,
+split-K, grouped-order and row_map paths the kernel shares with gemm_tc_kernel. What they cannot
+show: that the PTX ISA reading shared by the kernel and the emulator is the hardware's (the GPU
+tests in tests/test_cuda_ext.py run both GEMMs), and anything about speed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _utils import check_op_vs_reference
+
+from fused_lora import reference
+from fused_lora._sim import build_sim, sim_unavailable_reason
+
+_REASON = sim_unavailable_reason()
+if _REASON is not None:
+    pytest.skip(f"SIMT emulator unavailable: {_REASON}", allow_module_level=True)
+
+SEED = (4242 << 31) | 99
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return build_sim()
+
+
+@pytest.fixture(autouse=True)
+def wgmma(monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "wgmma")
+
+
+def _wgmma_count(sim) -> int:
+    return sim.sim_stats()[6]
+
+
+def _args(dtype, M, K, N, R, bias=True):
+    x = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    a = (torch.randn(R, K) / K**0.5).to(dtype)
+    bb = torch.randn(N, R).to(dtype)
+    return x, w, b, a, bb
+
+
+def _fwd_bwd(sim, x, w, b, a, bb, p=0.3):
+    fargs = (x, w, b, a, bb, 0.7, p, SEED)
+    y, xa = sim.lora_linear_fwd(*fargs)
+    check_op_vs_reference((y, xa), reference.lora_linear_fwd, fargs, ("y", "xa"))
+    dy = torch.randn(x.shape[0], w.shape[0]).to(x.dtype)
+    bargs = (dy, x, w, a, bb, xa, 0.7, p, SEED, True, True, True)
+    check_op_vs_reference(sim.lora_linear_bwd(*bargs), reference.lora_linear_bwd, bargs,
+                          ("dx", "dA", "dB"))
+
+
+# (M, K, N, R). The forward GEMM reduces over K (W0 as [N, K]: K-major B), dx over N (W0 as
+# [K, N]: N-major B, trans-b). BK = 64, 5 stage slots, loads 3 stages ahead: K or N = 700 is 11
+# k-stages (every slot reused twice while MMAs are in flight); 67 / 701 / 260: scalar loads
+# (K or N % 8 != 0); 129 / 257: ragged 128x128 tiles; M = 9: the smallest M the GEMM (not the
+# GEMV) takes; (20, 1000, 40) / (20, 40, 1000): split-K of the forward / dx GEMM (tiles < the
+# emulator's 4 SMs); 1100 rows: the grouped tile order's remainder group.
+SHAPES = [
+    (9, 64, 128, 16),
+    (129, 67, 129, 1),
+    (257, 700, 256, 16),
+    (257, 701, 260, 5),
+    (130, 136, 700, 33),
+    (20, 1000, 40, 16),
+    (20, 40, 1000, 16),
+    (1100, 24, 136, 4),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_single(sim, shape, dtype):
+    M, K, N, R = shape
+    before = _wgmma_count(sim)
+    _fwd_bwd(sim, *_args(dtype, M, K, N, R, bias=M % 2 == 1))
+    assert _wgmma_count(sim) > before, "the wgmma GEMM did not run"
+
+
+def test_default_is_mma_in_the_emulator(sim, monkeypatch):
+    # auto / unset: mma.sync in the emulator (on a GPU: wgmma where fl_has_wgmma()).
+    for v in ("auto", None):
+        if v is None:
+            monkeypatch.delenv("FUSED_LORA_CUDA_GEMM")
+        else:
+            monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", v)
+        before = sim.sim_stats()
+        _fwd_bwd(sim, *_args(torch.float16, 129, 64, 128, 4))
+        after = sim.sim_stats()
+        assert after[6] == before[6] and after[5] > before[5]
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "tensorcores")
+    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma or auto"):
+        _fwd_bwd(sim, *_args(torch.float16, 129, 64, 128, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_views(sim, dtype):
+    # Row pitches that are not multiples of 8 and a base 3 elements in: every operand chunk goes
+    # through the scalar (non-cp.async) loads into the swizzled tiles.
+    M, K, N, R = 200, 136, 264, 16
+    x, w, b, a, bb = _args(dtype, M, K, N, R)
+    xs = torch.empty(M, K + 5, dtype=dtype)[:, 3:3 + K]
+    xs.copy_(x)
+    ws = torch.empty(N, K + 3, dtype=dtype)[:, 1:1 + K]
+    ws.copy_(w)
+    _fwd_bwd(sim, xs, ws, b, a, bb)
+
+
+def test_reverse_schedule(sim):
+    # Threads first run in reverse order: a missing barrier or proxy-fence ordering between the
+    # loads of one stage and the MMAs that read it shows in one of the two orders.
+    sim.set_schedule(1)
+    try:
+        _fwd_bwd(sim, *_args(torch.float16, 257, 700, 256, 16))
+    finally:
+        sim.set_schedule(0)
+
+
+def _multi_args(dtype, M, K, N, S, R):
+    x = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype)
+    a = (torch.randn(S, R, K) / K**0.5).to(dtype)
+    bb = torch.randn(S, N, R).to(dtype)
+    scales = torch.rand(S) + 0.5
+    pool = torch.tensor([-1, S, -7] + list(range(S)))
+    ids = pool[torch.randint(0, len(pool), (M,))]
+    rk = torch.tensor([R, 0] + [max(1, (R * (s + 1)) // S) for s in range(2, S)])[:S]
+    for i in range(S):  # dead rank columns hold NaN: reading them fails the test
+        a[i, int(rk[i]):] = float("nan")
+        bb[i, :, int(rk[i]):] = float("nan")
+    return x, w, b, a, bb, scales, ids, rk
+
+
+# (M, K, N, S, R): decode-sized (M < 65: unsorted rows, up to S slots in a tile -> past the 4
+# slot passes the per-element gather), prefill (rows sorted by slot through row_map).
+MULTI_SHAPES = [(40, 130, 136, 12, 16), (300, 700, 257, 6, 33)]
+
+
+@pytest.mark.parametrize("shape", MULTI_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi(sim, shape, dtype):
+    M, K, N, S, R = shape
+    args = _multi_args(dtype, M, K, N, S, R)
+    before = _wgmma_count(sim)
+    y, xa = sim.multi_lora_linear_fwd(*args)
+    check_op_vs_reference((y, xa), reference.multi_lora_linear_fwd, args, ("y", "xa"))
+    x, w, b, a, bb, scales, ids, rk = args
+    dy = torch.randn(M, N).to(dtype)
+    bargs = (dy, x, w, a, bb, scales, ids, rk, xa, True, True, True)
+    check_op_vs_reference(sim.multi_lora_linear_bwd(*bargs), reference.multi_lora_linear_bwd,
+                          bargs, ("dx", "dA", "dB"))
+    assert _wgmma_count(sim) > before
+
+
+def test_matches_mma_kernel_closely(sim, monkeypatch):
+    # Same operands through both GEMMs: fp32 accumulation of exact fp16 products in a different
+    # order (init added last here), so the outputs agree to a rounding of the output dtype.
+    x, w, b, a, bb = _args(torch.float16, 257, 700, 256, 16)
+    args = (x, w, b, a, bb, 0.7, 0.0, SEED)
+    y_wg, _ = sim.lora_linear_fwd(*args)
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "mma")
+    y_mma, _ = sim.lora_linear_fwd(*args)
+    torch.testing.assert_close(y_wg, y_mma, atol=2e-3, rtol=2e-3)

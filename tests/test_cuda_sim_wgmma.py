@@ -7,7 +7,10 @@ queues each wgmma.mma_async and performs it only when wgmma_wait retires its gro
 the dynamic shared memory at a shared address that is not 1024-byte aligned. So these tests
 fail for a wrong swizzle or descriptor, unaligned swizzle atoms, a stage overwritten while its
 MMAs are in flight (the pipeline's slot reuse), a wrong accumulator fragment map, and the edge,
-split-K, grouped-order and row_map paths the kernel shares with gemm_tc_kernel. What they cannot
+split-K, grouped-order and row_map paths the kernel shares with gemm_tc_kernel. Self-tests
+(selftest_wgmma) pin the emulator's own semantics: operands read at retirement, and the kernel
+bugs it reports (partial warpgroups, pending groups at exit, unsupported descriptors, addresses
+outside the dynamic shared memory). What they cannot
 show: that the PTX ISA reading shared by the kernel and the emulator is the hardware's (the GPU
 tests in tests/test_cuda_ext.py run both GEMMs), and anything about speed.
 """
@@ -174,3 +177,24 @@ def test_matches_mma_kernel_closely(sim, monkeypatch):
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "mma")
     y_mma, _ = sim.lora_linear_fwd(*args)
     torch.testing.assert_close(y_wg, y_mma, atol=2e-3, rtol=2e-3)
+
+
+def test_wgmma_reads_operands_when_retired(sim):
+    assert torch.equal(sim.selftest_wgmma(0), torch.full((128, 64), 16.0))
+    # Shared memory overwritten between issue and wgmma_wait: the retirement reads the new data
+    # (2s), so a pipeline that reuses a stage too early produces wrong results under test.
+    assert torch.equal(sim.selftest_wgmma(1), torch.full((128, 64), 32.0))
+
+
+@pytest.mark.parametrize("what,match", [
+    (10, r"in a block of 64 threads: warpgroups need a multiple of 128"),
+    (11, r"thread \d+ of the warpgroup has exited|exited while its warpgroup waits"),
+    (12, r"exited with wgmma operations of its warpgroup not waited for"),
+    (13, r"the emulator models the 128-byte swizzle with base offset 0 only"),
+    (14, r"outside the dynamic shared memory"),
+    (15, r"gives shared-window addresses to the dynamic shared memory only"),
+])
+def test_wgmma_bugs_raise(sim, what, match):
+    with pytest.raises(RuntimeError, match=match):
+        sim.selftest_wgmma(what)
+    assert torch.equal(sim.selftest_wgmma(0), torch.full((128, 64), 16.0))  # still usable

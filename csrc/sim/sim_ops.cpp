@@ -367,6 +367,49 @@ void selftest_bug(int64_t what) {
   }
 }
 
+// ---- wgmma: deferred operand reads and the bugs the emulator reports -----------------------------
+// One warpgroup, A [64][16] and B [128][16] (K-major, 128-byte swizzle) all ones in 1024-aligned
+// atoms: D = A B^T is 16 everywhere. what 1: A is overwritten with 2s after the MMA is issued
+// but before wgmma_wait retires it, so the emulator (which reads operands at retirement, the
+// latest a GPU may) gives 32: a kernel that reuses a stage too early fails its test.
+// what >= 10: kernel bugs (the launch raises).
+__global__ void wgmma_kernel(int what, float* out) {
+  FL_DYNAMIC_SMEM(raw);
+  unsigned char* sm = raw + ((1024 - smem_u32(raw) % 1024) % 1024);
+  __half* a = reinterpret_cast<__half*>(sm);          // 64 rows x 128 B
+  __half* b = reinterpret_cast<__half*>(sm + 8192);   // 128 rows x 128 B
+  const int t = threadIdx.x;
+  for (int i = t; i < (8192 + 16384) / 2; i += blockDim.x) a[i] = __float2half(1.f);
+  __syncthreads();
+  float d[64];
+  for (int i = 0; i < 64; ++i) d[i] = 0.f;
+  uint64_t da = wgmma_desc_128b(smem_u32(a), 16, 1024);
+  const uint64_t db = wgmma_desc_128b(smem_u32(b), 16, 1024);
+  if (what == 13) da = (da & ~(uint64_t(3) << 62)) | (uint64_t(2) << 62);  // 64-byte swizzle
+  if (what == 14) da = wgmma_desc_128b(smem_u32(a) + 64 * 1024, 16, 1024);  // past the smem
+  if (what == 15) (void)smem_u32(&d[0]);                                     // not shared
+  if (what == 11 && t >= 64) return;  // half the warpgroup leaves
+  wgmma_fence();
+  wgmma_m64n128k16<__half, 0>(d, da, db);
+  wgmma_commit();
+  if (what == 12) return;  // exits with the group pending
+  __syncthreads();
+  if (what == 1)
+    for (int i = t; i < 8192 / 2; i += blockDim.x) a[i] = __float2half(2.f);
+  __syncthreads();
+  wgmma_wait<0>();
+  for (int i = 0; i < 64; ++i) out[t * 64 + i] = d[i];
+}
+
+at::Tensor selftest_wgmma(int64_t what) {
+  const int threads = what == 10 ? 64 : 128;  // 10: a block that is not whole warpgroups
+  auto out = at::zeros({128, 64}, at::TensorOptions().dtype(at::kFloat));
+  FL_SET_SMEM(wgmma_kernel, 8192 + 16384 + 1024);
+  FL_LAUNCH(wgmma_kernel, 1, threads, 8192 + 16384 + 1024, FL_STREAM(), static_cast<int>(what),
+            out.data_ptr<float>());
+  return out;
+}
+
 // Thread t reads x[t + offset]: with offset > 0 the last threads read past the tensor (an
 // AddressSanitizer build reports a heap-buffer-overflow; a plain build reads garbage).
 __global__ void oob_kernel(const float* x, float* out, int offset) {
@@ -421,6 +464,7 @@ TORCH_LIBRARY(fused_lora_sim, m) {
   m.def("selftest_cp_async(Tensor src) -> Tensor", &fused_lora::simtest::selftest_cp_async);
   m.def("selftest_smem(int what) -> Tensor", &fused_lora::simtest::selftest_smem);
   m.def("selftest_bug(int what) -> ()", &fused_lora::simtest::selftest_bug);
+  m.def("selftest_wgmma(int what) -> Tensor", &fused_lora::simtest::selftest_wgmma);
   m.def("selftest_oob(Tensor x, int offset) -> Tensor", &fused_lora::simtest::selftest_oob);
   m.def("is_asan() -> bool", &fused_lora::simtest::is_asan);
   m.def("sim_stats() -> int[]", &fused_lora::simtest::sim_stats);

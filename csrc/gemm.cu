@@ -617,8 +617,11 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(
 // column n streams W's row n with 16-byte loads (8 halves per lane) when aligned, with the few
 // rows of x served from L1. Sums are warp-reduced in fp32; init as in the GEMMs.
 constexpr int GEMV_MAX_M = 8;
+constexpr int GEMV_UNROLL = 4;  // 16-byte chunks of W in flight per lane
 
-__global__ void __launch_bounds__(256) gemv_kernel(
+// __launch_bounds__(256, 4): 64 registers (no spills; 73 without the bound), so 4 blocks fit an SM
+// and N = 4096 (512 blocks) runs in one wave on 132 SMs instead of 3 blocks a SM and a tail.
+__global__ void __launch_bounds__(256, 4) gemv_kernel(
     const void* __restrict__ P, int64_t sp_m, const void* __restrict__ W, int64_t sw_n, int dt,
     int vec, void* __restrict__ C, int64_t ldc, int M, int N, int K, InitArgs ia) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -628,9 +631,11 @@ __global__ void __launch_bounds__(256) gemv_kernel(
 #pragma unroll
   for (int m = 0; m < GEMV_MAX_M; ++m) acc[m] = 0.f;
   const int64_t K8 = (K / 8) * 8;  // P and W have unit inner stride here
-  for (int64_t k = static_cast<int64_t>(lane) * 8; k < K8; k += 256) {
-    float w[8];
-    load8(W, n * sw_n + k, dt, vec, w);
+  // W's row is read GEMV_UNROLL chunks of 16 bytes a lane at a time, all issued before any is
+  // used: bound by HBM, the GPU needs ~bandwidth x latency = 3.3 TB/s x ~0.8 us ~ 2.6 MB in
+  // flight, ~20 KB per SM; one chunk a lane is 512 B a warp, ~16 KB for the ~31 warps an SM
+  // holds at N = 4096 (512 blocks), four are ~64 KB.
+  auto step = [&](int64_t k, const float (&w)[8]) {
 #pragma unroll
     for (int m = 0; m < GEMV_MAX_M; ++m) {
       if (m < M) {
@@ -640,6 +645,19 @@ __global__ void __launch_bounds__(256) gemv_kernel(
         for (int e = 0; e < 8; ++e) acc[m] = fmaf(xv[e], w[e], acc[m]);
       }
     }
+  };
+  int64_t k = static_cast<int64_t>(lane) * 8;
+  for (; k + (GEMV_UNROLL - 1) * 256 < K8; k += GEMV_UNROLL * 256) {
+    float w[GEMV_UNROLL][8];
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) load8(W, n * sw_n + k + u * 256, dt, vec, w[u]);
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) step(k + u * 256, w[u]);
+  }
+  for (; k < K8; k += 256) {
+    float w[8];
+    load8(W, n * sw_n + k, dt, vec, w);
+    step(k, w);
   }
   for (int64_t k = K8 + lane; k < K; k += 32) {  // the K % 8 tail
     const float w = ldf(W, n * sw_n + k, dt);

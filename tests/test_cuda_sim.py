@@ -337,6 +337,20 @@ def test_degenerate_sizes(sim, M, K, N):
     _check(sim.lora_linear_bwd(*bargs), reference.lora_linear_bwd, bargs, ("dx", "dA", "dB"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [1031, 2056, 3080])
+def test_gemv_unrolled_k_loop(sim, dtype, K):
+    """The decode GEMV (M <= 8) reads W in groups of 4 chunks (1024 k per lane group): K = 1031
+    is one group + a 7-element tail, 2056 one group + 4 single chunks, 3080 three groups +
+    a chunk (x and W contiguous: 16-byte loads for fp16/bf16; fp32 scalar)."""
+    for M in (1, 8):
+        x, w, b, a, bb = _args(dtype, M, K, 40, 16)
+        args = (x, w, b, a, bb, 0.7, 0.2, SEED)
+        _check(sim.lora_linear_fwd(*args), reference.lora_linear_fwd, args, ("y", "xa"))
+    margs = _multi_args(dtype, 6, K, 40, 3, 16)
+    _check(sim.multi_lora_linear_fwd(*margs), reference.multi_lora_linear_fwd, margs, ("y", "xa"))
+
+
 def test_reverse_schedule_single(sim, reverse_schedule):
     # Every thread of a block first runs in the reverse order: a missing __syncthreads() between
     # a write and another thread's read shows up in one of the two orders.

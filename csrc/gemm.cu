@@ -411,6 +411,14 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
 // SM's share of peak, so LOOK = 3 stages cover ~0.8 us of DRAM latency. Smem: 5 stages x 32 KB +
 // 18 KB init + 1 KB to align the atoms (the dynamic base is only 16-byte aligned) = 180 KB.
 // The init, tile order, split-K, row_map and edges are those of gemm_tc_kernel.
+// Next step (an estimate, not measured): 128x128 tiles move (M/128)(N/128) K (128+128) x 2 bytes
+// from L2 to the SMs, 4.3 GB at M = 8192, N = K = 4096, ~0.6 ms at ~7 TB/s of L2 bandwidth
+// against 0.28 ms of MMAs at peak; 128x256 tiles (m64n256 per warpgroup, CUTLASS's and our
+// Triton kernels' first Hopper config) move 3.2 GB. They need the init out of the
+// registers (128 accumulators a thread + 128 init would pass 255): e.g. the GEMM result staged
+// through the free stage buffers after the loop. (An init in the accumulators themselves, with
+// wgmma_wait<1>, makes ptxas serialise the MMAs, C7515; with wait<0> it does not, but then no
+// MMA group overlaps the next stage's issue.)
 constexpr int WG_BK = 64, WG_STAGES = 5, WG_LOOK = WG_STAGES - 2;
 constexpr int WG_TILE = BM * WG_BK;  // halves per operand tile and stage (16 KB)
 constexpr int wg_smem_bytes() { return WG_STAGES * 2 * WG_TILE * 2 + kInitSmem + 1024; }

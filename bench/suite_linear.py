@@ -5,8 +5,9 @@ Competitors (same process, same inputs, each checked against the fp64 reference 
 * ``fused_triton``, ``fused_cuda``: :func:`fused_lora.lora_linear` with backend "triton" /
   "cuda" (when :func:`fused_lora.dispatch.unavailable_reason` says they run here; Triton is
   never timed on CPU: the interpreter's timings mean nothing). ``fused_triton_inloop``: the
-  Triton forward with the shrink inside the GEMM's K loop. ``fused_cuda_mma``: on an H100/H200
-  (where ``fused_cuda`` runs the wgmma GEMM), the CUDA backend with its mma.sync GEMM. ``fused_torch``: the
+  Triton forward with the shrink inside the GEMM's K loop. ``fused_cuda_mma`` /
+  ``fused_cuda_wgmma256``: on an H100/H200 (where ``fused_cuda`` runs the 128x128 wgmma GEMM),
+  the CUDA backend with its mma.sync GEMM / its 128x256-tile wgmma GEMM. ``fused_torch``: the
   plain-PyTorch backend, which is the CPU path (timed on CPU only).
 * ``unfused_eager``: PEFT's chain ``F.linear(x, W, b) + s * F.linear(F.linear(drop(x), A), B)``
   (dropout is off: p = 0, as PEFT's nn.Identity).
@@ -107,6 +108,14 @@ def _compiled_chain() -> Callable[..., Tensor]:
     return _COMPILED["chain"]
 
 
+# The CUDA backend's other tensor-core GEMMs, timed beside fused_cuda where it runs wgmma:
+# impl -> (FUSED_LORA_CUDA_GEMM, note).
+_CUDA_GEMMS = {
+    "fused_cuda_mma": ("mma", "mma.sync GEMM (fused_cuda: wgmma 128x128)"),
+    "fused_cuda_wgmma256": ("wgmma256", "wgmma GEMM, 128x256 tiles"),
+}
+
+
 def impl_names(cfg: H.Config) -> tuple[list[tuple[str, Optional[str]]], dict[str, str]]:
     """([(impl, backend)], {impl: why skipped}) for this device."""
     run: list[tuple[str, Optional[str]]] = []
@@ -124,8 +133,9 @@ def impl_names(cfg: H.Config) -> tuple[list[tuple[str, Optional[str]]], dict[str
                 # asks which is faster, so both are timed side by side.
                 run.append(("fused_triton_inloop", be))
             if be == "cuda" and cfg.cuda and _ext.wgmma_available(cfg.device):
-                # fused_cuda runs the wgmma GEMM here; its mma.sync one is timed beside it.
-                run.append(("fused_cuda_mma", be))
+                # fused_cuda runs the 128x128 wgmma GEMM here; the mma.sync one and the
+                # 128x256-tile wgmma one are timed beside it.
+                run += [(name, be) for name in _CUDA_GEMMS]
     if cfg.cuda:
         skip["fused_torch"] = "the torch backend is the CPU path; on GPU it is unfused_eager in fp32"
     else:
@@ -177,10 +187,10 @@ def build(name: str, backend: Optional[str], W: Tensor, b: Tensor, A: Tensor, B:
         fn = _env_scoped(lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend),
                          "FUSED_LORA_FWD_SHRINK", "fused")
         return Impl(name, fn, [A_, B_], note="shrink inside the GEMM K loop")
-    if name == "fused_cuda_mma":
+    if name in _CUDA_GEMMS:
         fn = _env_scoped(lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend),
-                         "FUSED_LORA_CUDA_GEMM", "mma")
-        return Impl(name, fn, [A_, B_], note="mma.sync GEMM (fused_cuda: wgmma)")
+                         "FUSED_LORA_CUDA_GEMM", _CUDA_GEMMS[name][0])
+        return Impl(name, fn, [A_, B_], note=_CUDA_GEMMS[name][1])
     return Impl(name, lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend), [A_, B_],
                 note="C++ CPU kernels" if backend == "cuda" and W.device.type == "cpu" else "")
 
@@ -397,12 +407,13 @@ def _mode_fn(cfg: H.Config, impl: Impl, mode: str, x: Tensor, dy: Tensor, name: 
 
 
 def _derive(rows: list[dict[str, Any]]) -> None:
-    """x_base = ms / base ms (1.0 = merged cost) and speedup = unfused_eager ms / ms, per case."""
+    """x_base = ms / base ms (1.0 = merged cost), speedup = unfused_eager ms / ms and, for the
+    CUDA backend's rows, x_triton = ms / fused_triton ms (issue 4's target: <= 1.25), per case."""
     by: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r["case"], r["mode"], r["dtype"]), {})[r["impl"]] = r
     for group in by.values():
-        base, eager = group.get("base"), group.get("unfused_eager")
+        base, eager, tri = group.get("base"), group.get("unfused_eager"), group.get("fused_triton")
         for r in group.values():
             if r["ms"] is None:
                 continue
@@ -410,6 +421,8 @@ def _derive(rows: list[dict[str, Any]]) -> None:
                 r["x_base"] = r["ms"] / base["ms"]
             if eager and eager["ms"]:
                 r["speedup_vs_eager"] = eager["ms"] / r["ms"]
+            if tri and tri["ms"] and r["impl"].startswith("fused_cuda"):
+                r["x_triton"] = r["ms"] / tri["ms"]
 
 
 COLUMNS = [
@@ -421,6 +434,7 @@ COLUMNS = [
     ("p20-p80", H.spread),
     ("x base", lambda r: r.get("x_base")),
     ("vs eager", lambda r: r.get("speedup_vs_eager")),
+    ("x triton", lambda r: r.get("x_triton")),
     ("peak MiB", lambda r: r["peak_mem_mb"]),
     ("graph", lambda r: "yes" if r.get("cuda_graph") else ""),
     ("check", lambda r: r["pass"]),

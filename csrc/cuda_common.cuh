@@ -158,8 +158,10 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
                  const InitArgs& ia, fl_stream_t stream);
 
 // Which tensor-core GEMM launch_gemm runs for fp16/bf16 (gemm.cu), read at every launch from
-// FUSED_LORA_CUDA_GEMM: "mma" (mma.sync, sm_80+), "wgmma" (Hopper warpgroup MMA; an error where
-// fl_has_wgmma() is false), "auto"/unset: wgmma where available (the emulator: mma).
-bool use_wgmma();
+// FUSED_LORA_CUDA_GEMM: "mma" (mma.sync, sm_80+), "wgmma" / "wgmma256" (Hopper warpgroup MMA,
+// 128x128 / 128x256 tiles; an error where fl_has_wgmma() is false), "auto"/unset: wgmma where
+// available (the emulator: mma).
+enum : int { kGemmMma = 0, kGemmWgmma = 1, kGemmWgmma256 = 2 };
+int tc_gemm_choice();
 
 }  // namespace fused_lora

@@ -41,6 +41,7 @@
 //   wgmma_m64n128k16<T, TRANS_B>(d, desc_a, desc_b)   d[64] += A·B, wgmma.mma_async m64n128k16
 //                                     f32 accumulators, A and B from shared memory (B N-major
 //                                     when TRANS_B); every thread of the warpgroup calls it
+//   wgmma_m64n256k16<T, TRANS_B>(d, desc_a, desc_b)   the same with N = 256, d[128]
 //   wgmma_fence_acc(d)                pins d's registers in place around the async MMA (the
 //                                     compiler must not move reads of d above wgmma_wait)
 //   fl_has_wgmma()                    host: the current device runs the sm_90a kernels
@@ -238,9 +239,10 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_fence_acc(float (&d)[64]) {
+template <int NA>
+__device__ __forceinline__ void wgmma_fence_acc(float (&d)[NA]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < NA; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // The 64 accumulator operands %0..%63, then desc_a (%64) and desc_b (%65); scale-d is 1 (D is
@@ -274,6 +276,39 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
 #endif
 }
 #undef FL_WGMMA_ASM
+#define FL_WGMMA256_ASM(TYPE, TRANS_B)                                                         \
+  asm volatile(                                                                                \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " "                         \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, " \
+      "%128, %129, 1, 1, 1, 0, " TRANS_B ";\n"                                                 \
+      : FL_WGMMA_D8(0), FL_WGMMA_D8(8), FL_WGMMA_D8(16), FL_WGMMA_D8(24), FL_WGMMA_D8(32),     \
+        FL_WGMMA_D8(40), FL_WGMMA_D8(48), FL_WGMMA_D8(56), FL_WGMMA_D8(64), FL_WGMMA_D8(72),   \
+        FL_WGMMA_D8(80), FL_WGMMA_D8(88), FL_WGMMA_D8(96), FL_WGMMA_D8(104),                  \
+        FL_WGMMA_D8(112), FL_WGMMA_D8(120)                                                     \
+      : "l"(desc_a), "l"(desc_b))
+
+template <typename T, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+  static_assert(TRANS_B == 0 || TRANS_B == 1, "TRANS_B is 0 or 1");
+#if FL_HAS_WGMMA
+  if constexpr (std::is_same_v<T, __half>) {
+    if constexpr (TRANS_B) FL_WGMMA256_ASM("f16", "1"); else FL_WGMMA256_ASM("f16", "0");
+  } else {
+    if constexpr (TRANS_B) FL_WGMMA256_ASM("bf16", "1"); else FL_WGMMA256_ASM("bf16", "0");
+  }
+#else
+  (void)d, (void)desc_a, (void)desc_b;
+#endif
+}
+#undef FL_WGMMA256_ASM
 #undef FL_WGMMA_D8
 
 }  // namespace fused_lora

@@ -21,9 +21,9 @@ constexpr int A_STAGE = BM * LDA;   // halves
 template <bool Q_NK> constexpr int b_stage() { return Q_NK ? BN * LDA : BK * LDB_NN; }
 // Init staging after the operand stages: L and Rt 16 ranks at a time, per-row physical row,
 // slot, done flag.
-constexpr int kInitSmem = (BM + BN) * LDI * 4 + BM * 16 + 16;
+template <int TN> constexpr int kInitSmem = (BM + TN) * LDI * 4 + BM * 16 + 16;  // TN: tile width
 template <bool Q_NK> constexpr int tc_smem_bytes() {
-  return STAGES * (A_STAGE + b_stage<Q_NK>()) * 2 + kInitSmem;
+  return STAGES * (A_STAGE + b_stage<Q_NK>()) * 2 + kInitSmem<BN>;
 }
 
 // Two adjacent outputs as one 4-byte store (the pointer is 4-byte aligned).
@@ -81,21 +81,24 @@ struct MmaFrag {
     return acc[ri >> 1][cj][(ri & 1) * 2 + e];
   }
 };
-//   wgmma (2 warpgroups of 64x128, warp w of a warpgroup owns its rows 16w..16w+15):
+//   wgmma (2 warpgroups of 64 x TN, warp w of a warpgroup owns its rows 16w..16w+15):
 //   d[4j + 2h + e], row slot ri = h.
+template <int TN>
 struct WgFrag {
-  static constexpr int RI = 2, CJ = 16;
-  float (&acc)[64];
+  static constexpr int RI = 2, CJ = TN / 8;
+  float (&acc)[TN / 2];
   int wg, w4, g, t4;
   __device__ __forceinline__ int row(int ri) const { return wg * 64 + w4 * 16 + g + ri * 8; }
   __device__ __forceinline__ int col(int cj) const { return cj * 8 + t4 * 2; }
   __device__ __forceinline__ float& at(int ri, int cj, int e) const { return acc[cj * 4 + ri * 2 + e]; }
 };
 
-// Shared memory of the init (kInitSmem bytes at `base`, after the operand stages).
+// Shared memory of the init (kInitSmem<TN> bytes at `base`, after the operand stages).
+template <int TN>
 struct InitSmem {
+  static constexpr int kTN = TN;
   float* Ls;        // [BM][LDI]
-  float* Rs;        // [BN][LDI]
+  float* Rs;        // [TN][LDI]
   int64_t* row_pm;  // [BM] physical row (row_map)
   int* row_slot;    // [BM] slot of each row, -1: none
   int* row_done;    // [BM] LoRA term already added
@@ -103,7 +106,7 @@ struct InitSmem {
   __device__ __forceinline__ explicit InitSmem(unsigned char* base)
       : Ls(reinterpret_cast<float*>(base)),
         Rs(Ls + BM * LDI),
-        row_pm(reinterpret_cast<int64_t*>(Rs + BN * LDI)),
+        row_pm(reinterpret_cast<int64_t*>(Rs + TN * LDI)),
         row_slot(reinterpret_cast<int*>(row_pm + BM)),
         row_done(row_slot + BM),
         cur_slot(row_done + BM) {}
@@ -115,8 +118,8 @@ struct InitSmem {
 // time (up to MAX_SLOT_PASSES slots, each an r-deep pass over only its own rows); rows of further
 // slots fall back to a per-element gather. With rows sorted by slot (row_map), a tile holds one
 // or two slots. Called by all 256 threads (it has barriers); row_pm must be written before.
-template <class Frag>
-__device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, const InitSmem& sm,
+template <class Frag, class Smem>
+__device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, const Smem& sm,
                                           int64_t m0, int64_t n0, int M, int N) {
   const int tid = threadIdx.x;
 #pragma unroll
@@ -134,7 +137,7 @@ __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, co
         const int mm = i >> 4, rr = i & 15;
         sm.Ls[mm * LDI + rr] = r0 + rr < re ? load_l(mm, r0 + rr) : 0.f;
       }
-      for (int i = tid; i < BN * 16; i += 256) {
+      for (int i = tid; i < Smem::kTN * 16; i += 256) {
         const int nn = i >> 4, rr = i & 15;
         sm.Rs[nn * LDI + rr] = r0 + rr < re ? load_r(nn, r0 + rr) : 0.f;
       }
@@ -280,7 +283,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   FL_DYNAMIC_SMEM(smem);
   T* As = reinterpret_cast<T*>(smem);                        // [STAGES][BM][LDA]
   T* Bs = As + STAGES * A_STAGE;                             // [STAGES][BN][LDA] or [BK][LDB_NN]
-  const InitSmem sm(reinterpret_cast<unsigned char*>(Bs + STAGES * b_stage<Q_NK>()));
+  const InitSmem<BN> sm(reinterpret_cast<unsigned char*>(Bs + STAGES * b_stage<Q_NK>()));
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   int tile_m, tile_n;
@@ -404,50 +407,67 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
 //   Q as [K, N] (dx): [64 k][128 n] N-major (trans-b), two 64-column halves 8 KB apart (the
 //   leading byte offset), each 64 k-rows of 128 B (stride byte offset 1 KB between 8-row
 //   groups); a k16 step moves the start address by 2 KB.
-// Pipeline: loads run LOOK = STAGES - 2 stages ahead of the MMAs and one MMA group stays in
+// Pipeline (TN = 128; TN = 256 below): loads run LOOK = STAGES - 2 stages ahead of the MMAs and one MMA group stays in
 // flight behind them (wgmma_wait<1>), so issuing a stage's MMAs does not wait for the previous
 // stage's to finish: at iteration kt the load goes to the slot of stage kt - 2, whose MMAs every warpgroup
 // retired (wait<1> at kt - 1) before the barrier. A stage is 128x128x64 MACs, ~0.28 us at the
 // SM's share of peak, so LOOK = 3 stages cover ~0.8 us of DRAM latency. Smem: 5 stages x 32 KB +
-// 18 KB init + 1 KB to align the atoms (the dynamic base is only 16-byte aligned) = 180 KB.
+// 18 KB init + 1 KB to align the atoms (the dynamic base is only 16-byte aligned) = 180 KB;
+// TN = 256: 4 stages x 48 KB + 26 KB init + 1 KB = 221 KB, 222-238 registers, no spills.
 // The init, tile order, split-K, row_map and edges are those of gemm_tc_kernel.
-// Next step (an estimate, not measured): 128x128 tiles move (M/128)(N/128) K (128+128) x 2 bytes
-// from L2 to the SMs, 4.3 GB at M = 8192, N = K = 4096, ~0.6 ms at ~7 TB/s of L2 bandwidth
-// against 0.28 ms of MMAs at peak; 128x256 tiles (m64n256 per warpgroup, CUTLASS's and our
-// Triton kernels' first Hopper config) move 3.2 GB. They need the init out of the
-// registers (128 accumulators a thread + 128 init would pass 255): e.g. the GEMM result staged
-// through the free stage buffers after the loop. (An init in the accumulators themselves, with
-// wgmma_wait<1>, makes ptxas serialise the MMAs, C7515; with wait<0> it does not, but then no
-// MMA group overlaps the next stage's issue.)
-constexpr int WG_BK = 64, WG_STAGES = 5, WG_LOOK = WG_STAGES - 2;
-constexpr int WG_TILE = BM * WG_BK;  // halves per operand tile and stage (16 KB)
-constexpr int wg_smem_bytes() { return WG_STAGES * 2 * WG_TILE * 2 + kInitSmem + 1024; }
+// Tile width (an estimate, not measured): 128x128 tiles move (M/128)(N/128) K (128+128) x 2
+// bytes from L2 to the SMs, 4.3 GB at M = 8192, N = K = 4096, ~0.6 ms at ~7 TB/s of L2
+// bandwidth against 0.28 ms of MMAs at peak; 128x256 tiles (TN = 256: m64n256 per warpgroup,
+// CUTLASS's and our Triton kernels' first Hopper config) move 3.2 GB, but park the finished tile
+// in shared memory for the init and keep 2 stages in flight, not 3. Which wins is for a GPU run
+// to show (bench linear times both: fused_cuda, fused_cuda_wgmma256); until then TN = 128 is the
+// default. (An init in the accumulators themselves, with wgmma_wait<1>, makes ptxas serialise
+// the MMAs, C7515; with wait<0> it does not, but then no MMA group overlaps the next stage's.)
+constexpr int WG_BK = 64;
+constexpr int WG_TILE_A = BM * WG_BK;  // halves of the P tile a stage (16 KB)
+// Stage slots: TN = 128: 5 of 32 KB, 3 loading ahead; TN = 256: 4 of 48 KB, 2 ahead (the same
+// ~100 KB in flight).
+template <int TN> constexpr int wg_stages() { return TN == 256 ? 4 : 5; }
+template <int TN> constexpr int wg_smem_bytes() {
+  return wg_stages<TN>() * (WG_TILE_A + TN * WG_BK) * 2 + kInitSmem<TN> + 1024;
+}
 
 // Element offset of 16-byte chunk `c` (8 halves) of row `r` in a K-major swizzled tile.
 __device__ __forceinline__ int swz_k(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
-// Element offset of chunk `c` (of 16 along n) of k-row `k` in the N-major [64 k][128 n] tile.
+// Element offset of chunk `c` (8 along n) of k-row `k` in an N-major [64 k][TN n] tile: 64-column
+// atoms columns 8 KB apart.
 __device__ __forceinline__ int swz_n(int k, int c) {
   return (c >> 3) * (WG_BK * 64) + k * 64 + (((c & 7) ^ (k & 7)) << 3);
 }
 
-template <typename T, bool Q_NK>
+template <typename T, int TRANS_B, int TN>
+__device__ __forceinline__ void wgmma_tile(float (&d)[TN / 2], uint64_t da, uint64_t db) {
+  if constexpr (TN == 256)
+    wgmma_m64n256k16<T, TRANS_B>(d, da, db);
+  else
+    wgmma_m64n128k16<T, TRANS_B>(d, da, db);
+}
+
+// TN: the tile width, 128 (wgmma m64n128k16) or 256 (m64n256k16; FUSED_LORA_CUDA_GEMM=wgmma256).
+template <typename T, bool Q_NK, int TN>
 __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
     int vec_q, T* __restrict__ C, int64_t ldc, int vec_c, int M, int N, int K, InitArgs ia,
     float* __restrict__ part, int k_split) {
 #if FL_HAS_WGMMA
+  constexpr int NS = wg_stages<TN>(), LOOK = NS - 2, TILE_B = TN * WG_BK, NA = TN / 2;
   FL_DYNAMIC_SMEM(smem_raw);
   // Swizzle atoms need 1024-byte aligned shared-window addresses (descriptor base offset 0).
   unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
-  T* As = reinterpret_cast<T*>(smem);                    // [WG_STAGES][128][64] swizzled
-  T* Bs = As + WG_STAGES * WG_TILE;                      // [WG_STAGES] 128 n x 64 k either way
-  const InitSmem sm(reinterpret_cast<unsigned char*>(Bs + WG_STAGES * WG_TILE));
+  T* As = reinterpret_cast<T*>(smem);                    // [NS][128][64] swizzled
+  T* Bs = As + NS * WG_TILE_A;                           // [NS] TN n x 64 k either way
+  const InitSmem<TN> sm(reinterpret_cast<unsigned char*>(Bs + NS * TILE_B));
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   int tile_m, tile_n;
   tile_coords(tile_m, tile_n);
   const int64_t m0 = static_cast<int64_t>(tile_m) * BM;
-  const int64_t n0 = static_cast<int64_t>(tile_n) * BN;
+  const int64_t n0 = static_cast<int64_t>(tile_n) * TN;
   auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
   if (tid < BM) sm.row_pm[tid] = m0 + tid < M ? phys(m0 + tid) : 0;
 
@@ -462,8 +482,8 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
     prow[it] = prow_ok[it] ? P + phys(gm) * ldp : P;
   }
   auto load_stage = [&](int stage, int64_t k0) {
-    T* as = As + stage * WG_TILE;
-    T* bs = Bs + stage * WG_TILE;
+    T* as = As + stage * WG_TILE_A;
+    T* bs = Bs + stage * TILE_B;
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
       const int row = (tid >> 3) + it * 32;
@@ -471,15 +491,16 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
       const bool in = prow_ok[it] && gk < K;
       load_chunk(as + swz_k(row, pc), in ? prow[it] + gk : P, in, K - gk, vec_p, P);
     }
+    constexpr int CPR = TN / 8;  // chunks a k-row of the [64 k][TN n] tile
 #pragma unroll
-    for (int it = 0; it < 4; ++it) {
-      if constexpr (Q_NK) {  // [128 n][64 k], as P
+    for (int it = 0; it < TN / 32; ++it) {
+      if constexpr (Q_NK) {  // [TN n][64 k], as P
         const int row = (tid >> 3) + it * 32;
         const int64_t gn = n0 + row, gk = k0 + pc * 8;
         const bool in = gn < N && gk < K;
         load_chunk(bs + swz_k(row, pc), in ? Q + gn * ldq + gk : Q, in, K - gk, vec_q, Q);
-      } else {  // [64 k][128 n]: 16 chunks a k-row, chunk tid & 15 of k-rows tid/16 + 16 it
-        const int kr = (tid >> 4) + it * 16, c = tid & 15;
+      } else {  // [64 k][TN n]: chunk tid % CPR of k-rows tid / CPR + (256 / CPR) it
+        const int kr = tid / CPR + it * (256 / CPR), c = tid % CPR;
         const int64_t gk = k0 + kr, gn = n0 + c * 8;
         const bool in = gk < K && gn < N;
         load_chunk(bs + swz_n(kr, c), in ? Q + gk * ldq + gn : Q, in, N - gn, vec_q, Q);
@@ -491,42 +512,50 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
   const int nk =
       static_cast<int>((min(static_cast<int64_t>(K), kb + k_split) - kb + WG_BK - 1) / WG_BK);
 #pragma unroll
-  for (int s = 0; s < WG_LOOK; ++s) {
+  for (int s = 0; s < LOOK; ++s) {
     if (s < nk) load_stage(s, kb + static_cast<int64_t>(s) * WG_BK);
     cp_async_commit();
   }
 
-  // The init goes to its own registers and is added after the last MMA: with it as the MMAs'
-  // starting accumulator (as gemm_tc_kernel does), ptxas copies accumulator registers inside
-  // the pipelined loop and serialises every wgmma (warning C7515); zero-started accumulators
-  // cost 64 more registers (172-178 in all, no spills; one 256-thread block per SM either way).
-  float ini[64], acc[64];
+  // The MMAs start from zeroed accumulators. With the init as their starting value (as
+  // gemm_tc_kernel does), ptxas copies accumulator registers inside the pipelined loop and
+  // serialises every wgmma (warning C7515). TN = 128: the init goes to registers of its own
+  // first, overlapping the prologue loads, and is added after the last MMA (172-178 registers,
+  // no spills). TN = 256: 128 accumulators leave no room for 128 more, so the finished GEMM tile
+  // is parked in the (then free) stage buffers while the init is computed into the accumulators
+  // (128 KB through shared memory, the init's loads no longer hidden behind the prologue's).
   const int wg = warp >> 2;
-  const WgFrag fr{ini, wg, warp & 3, lane >> 2, lane & 3};
-  tile_init(fr, ia, sm, m0, n0, M, N);
+  float acc[NA];
+  constexpr int NI = TN == 128 ? NA : 1;
+  float ini[NI];
+  const WgFrag<TN> fr{acc, wg, warp & 3, lane >> 2, lane & 3};
+  if constexpr (TN == 128) {
+    const WgFrag<TN> fi{ini, wg, warp & 3, lane >> 2, lane & 3};
+    tile_init(fi, ia, sm, m0, n0, M, N);
+  }
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int i = 0; i < NA; ++i) acc[i] = 0.f;
 
   const uint32_t a_base = smem_u32(As) + wg * 64 * 128;  // this warpgroup's 64 rows: 8 atoms
   const uint32_t b_base = smem_u32(Bs);
   for (int kt = 0; kt < nk; ++kt) {
-    cp_async_wait<WG_LOOK - 1>();  // stage kt has landed (for this thread) ...
-    fence_proxy_async();           // ... is visible to the tensor cores' (async) reads ...
-    __syncthreads();               // ... for every thread; stage kt-2's MMAs are retired
-    if (kt + WG_LOOK < nk)
-      load_stage((kt + WG_LOOK) % WG_STAGES, kb + static_cast<int64_t>(kt + WG_LOOK) * WG_BK);
+    cp_async_wait<LOOK - 1>();  // stage kt has landed (for this thread) ...
+    fence_proxy_async();        // ... is visible to the tensor cores' (async) reads ...
+    __syncthreads();            // ... for every thread; stage kt-2's MMAs are retired
+    if (kt + LOOK < nk)
+      load_stage((kt + LOOK) % NS, kb + static_cast<int64_t>(kt + LOOK) * WG_BK);
     cp_async_commit();
-    const int s = kt % WG_STAGES;
-    const uint32_t a_st = a_base + s * WG_TILE * 2, b_st = b_base + s * WG_TILE * 2;
+    const int s = kt % NS;
+    const uint32_t a_st = a_base + s * WG_TILE_A * 2, b_st = b_base + s * TILE_B * 2;
     wgmma_fence_acc(acc);  // the accumulators stay in their registers across the async MMAs
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < WG_BK / 16; ++ks) {
       const uint64_t da = wgmma_desc_128b(a_st + ks * 32, 16, 1024);
       if constexpr (Q_NK)
-        wgmma_m64n128k16<T, 0>(acc, da, wgmma_desc_128b(b_st + ks * 32, 16, 1024));
+        wgmma_tile<T, 0, TN>(acc, da, wgmma_desc_128b(b_st + ks * 32, 16, 1024));
       else
-        wgmma_m64n128k16<T, 1>(acc, da, wgmma_desc_128b(b_st + ks * 2048, WG_BK * 128, 1024));
+        wgmma_tile<T, 1, TN>(acc, da, wgmma_desc_128b(b_st + ks * 2048, WG_BK * 128, 1024));
     }
     wgmma_commit();
     wgmma_fence_acc(acc);
@@ -535,8 +564,19 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
   wgmma_wait<0>();
   wgmma_fence_acc(acc);
   cp_async_wait<0>();
+  if constexpr (TN == 128) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) ini[i] += acc[i];
+    for (int i = 0; i < NA; ++i) acc[i] += ini[i];
+  } else {
+    float* park = reinterpret_cast<float*>(smem);  // [NA][256]: conflict-free, 128 KB
+    static_assert(NA * 256 * 4 <= NS * (WG_TILE_A + TILE_B) * 2, "park fits the stages");
+    __syncthreads();  // every warpgroup's MMAs have read their last stage
+#pragma unroll
+    for (int i = 0; i < NA; ++i) park[i * 256 + tid] = acc[i];
+    tile_init(fr, ia, sm, m0, n0, M, N);  // zeroes acc first; has barriers
+#pragma unroll
+    for (int i = 0; i < NA; ++i) acc[i] += park[i * 256 + tid];
+  }
   tile_store(fr, C, ldc, vec_c, part, sm.row_pm, m0, n0, M, N);
 #else
   __trap();  // launched only where fl_has_wgmma() (an sm_90a build on a 9.0 device)
@@ -701,22 +741,22 @@ __global__ void __launch_bounds__(256, 4) gemv_kernel(
 
 }  // namespace
 
-bool use_wgmma() {
+int tc_gemm_choice() {
   const char* e = std::getenv("FUSED_LORA_CUDA_GEMM");
   const std::string v = e != nullptr ? e : "";
-  if (v == "mma") return false;
-  if (v == "wgmma") {
-    TORCH_CHECK(fl_has_wgmma(), "FUSED_LORA_CUDA_GEMM=wgmma: the wgmma GEMM needs an sm_90a "
+  if (v == "mma") return kGemmMma;
+  if (v == "wgmma" || v == "wgmma256") {
+    TORCH_CHECK(fl_has_wgmma(), "FUSED_LORA_CUDA_GEMM=", v, ": the wgmma GEMM needs an sm_90a "
                 "build (FUSED_LORA_CUDA_ARCHS with 90a, the default) and a compute capability "
                 "9.0 GPU (H100/H200)");
-    return true;
+    return v == "wgmma" ? kGemmWgmma : kGemmWgmma256;
   }
-  TORCH_CHECK(v.empty() || v == "auto", "FUSED_LORA_CUDA_GEMM must be mma, wgmma or auto, got '",
-              v, "'");
+  TORCH_CHECK(v.empty() || v == "auto",
+              "FUSED_LORA_CUDA_GEMM must be mma, wgmma, wgmma256 or auto, got '", v, "'");
 #ifdef FUSED_LORA_SIM
-  return false;  // the emulator tests pick each GEMM explicitly
+  return kGemmMma;  // the emulator tests pick each GEMM explicitly
 #else
-  return fl_has_wgmma();
+  return fl_has_wgmma() ? kGemmWgmma : kGemmMma;
 #endif
 }
 
@@ -750,14 +790,14 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
   const int vec_p = K % 8 == 0 && Pc.stride(0) % 8 == 0 && aligned16(Pc);
   const int vec_q = (q_nk ? K : N) % 8 == 0 && Qc.stride(0) % 8 == 0 && aligned16(Qc);
   const int vec_c = C.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(C.data_ptr()) % 4 == 0;
-  dim3 grid(cdiv(M, BM), cdiv(N, BN));
+  const int choice = tc_gemm_choice();
+  const int bk = choice == kGemmMma ? BK : WG_BK;
+  dim3 grid(cdiv(M, BM), cdiv(N, choice == kGemmWgmma256 ? 256 : BN));
   TORCH_CHECK(grid.y <= 65535, "out_features too large for the tensor-core kernel");
-  const bool wg = use_wgmma();
-  const int bk = wg ? WG_BK : BK;
   // Split-K when the tiles do not fill the GPU: decode and small batches (M = 16, N = 4096 is
   // 32 tiles on 132 SMs, each streaming 1/32 of W0 through one SM, far from the HBM
   // bandwidth) get up to one block per SM (one 256-thread block fits an SM: ~240 registers, or
-  // 180 KB of shared memory for wgmma), each split >= 4 k-tiles so the pipeline fills.
+  // 180-221 KB of shared memory for wgmma), each split >= 4 k-tiles so the pipeline fills.
   // Partials cost splits x M x N x 4 bytes (5 MB at M = 64, N = 4096, 5 splits) against W0's
   // 32 MB, summed in order by splitk_finalize_kernel.
   const int tiles = static_cast<int>(grid.x * grid.y);
@@ -779,8 +819,10 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
                 static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), ia,
                 splits > 1 ? part.data_ptr<float>() : nullptr, k_split);
     };
-    if (wg)
-      run(gemm_wgmma_kernel<T, kQnk>, wg_smem_bytes());
+    if (choice == kGemmWgmma256)
+      run(gemm_wgmma_kernel<T, kQnk, 256>, wg_smem_bytes<256>());
+    else if (choice == kGemmWgmma)
+      run(gemm_wgmma_kernel<T, kQnk, 128>, wg_smem_bytes<128>());
     else
       run(gemm_tc_kernel<T, kQnk>, tc_smem_bytes<kQnk>());
     if (splits > 1)

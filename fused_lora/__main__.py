@@ -22,7 +22,7 @@ def _cuda_gemm(_ext) -> str:
     if not torch.cuda.is_available():
         return ("wgmma on compute capability 9.0 GPUs, mma.sync elsewhere" if has_90a
                 else "mma.sync (built without sm_90a)") + " (no GPU here)"
-    if forced in ("mma", "wgmma"):
+    if forced in ("mma", "wgmma", "wgmma256"):
         return f"{forced} (FUSED_LORA_CUDA_GEMM={forced})"
     if _ext.wgmma_available():
         return "wgmma (sm_90a build, compute capability 9.0; FUSED_LORA_CUDA_GEMM=mma for mma.sync)"

@@ -620,11 +620,11 @@ GEMM_SHAPES = [(9, 64, 128, 16), (20, 1000, 40, 16), (64, 4096, 4096, 16), (129,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["mma", "wgmma"])
+@pytest.mark.parametrize("gemm", ["mma", "wgmma", "wgmma256"])
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_both_gemms(monkeypatch, gemm, shape, dtype):
-    if gemm == "wgmma" and not _wgmma_available():
+    if gemm.startswith("wgmma") and not _wgmma_available():
         pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", gemm)
     _gpu_case(shape, dtype, bias=shape[0] % 2 == 1, dropout=0.2)
@@ -634,10 +634,11 @@ def test_gpu_both_gemms(monkeypatch, gemm, shape, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_wgmma_graph_replay_and_agreement(monkeypatch):
+@pytest.mark.parametrize("gemm", ["wgmma", "wgmma256"])
+def test_gpu_wgmma_graph_replay_and_agreement(monkeypatch, gemm):
     if not _wgmma_available():
         pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "wgmma")
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", gemm)
     test_gpu_cuda_graph_replay()
     test_gpu_multi_prefill_cuda_graph_replay()
     x, w, b, a, bb = _args("cuda", torch.bfloat16, None, 1024, 2048, 1536, 16)
@@ -651,5 +652,5 @@ def test_gpu_wgmma_graph_replay_and_agreement(monkeypatch):
 def test_gpu_gemm_choice_is_checked(monkeypatch):
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "tensorcores")
     x, w, b, a, bb = _args("cuda", torch.float16, None, 129, 64, 128, 4)
-    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma or auto"):
+    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma, wgmma256 or auto"):
         C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1)

@@ -4,8 +4,9 @@ The hand-picked shapes of test_cuda_sim*.py cover the tile edges we thought of; 
 shapes, dtypes, strides, dropout, rank patterns and adapter ids at random (a fixed seed per
 case, so a failure reproduces by its id) to reach the combinations nobody listed: GEMV vs
 tensor-core vs split-K vs SIMT paths, decode vs prefill, vectorized vs scalar loads. Sizes stay
-small (the emulator runs every CUDA thread as a fiber on CPU). Odd seeds run the fp16/bf16
-GEMMs on the Hopper wgmma kernel, even seeds on the mma.sync one (FUSED_LORA_CUDA_GEMM).
+small (the emulator runs every CUDA thread as a fiber on CPU). Even seeds run the fp16/bf16
+GEMMs on the mma.sync kernel, odd seeds on the Hopper wgmma kernel with 128- or 256-wide tiles
+(FUSED_LORA_CUDA_GEMM).
 Tolerance: the 2x rule of tests/test_lora_linear.py.
 """
 
@@ -74,7 +75,7 @@ def _draw(seed: int) -> dict:
 @pytest.fixture(autouse=True)
 def gemm_impl(monkeypatch, request):
     seed = request.node.callspec.params["seed"]
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "wgmma" if seed % 2 else "mma")
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", ("mma", "wgmma", "mma", "wgmma256")[seed % 4])
 
 
 @pytest.mark.parametrize("seed", range(N_CASES))

@@ -1,7 +1,8 @@
 """The Hopper GEMM (gemm_wgmma_kernel in csrc/gemm.cu) under the SIMT emulator.
 
-FUSED_LORA_CUDA_GEMM=wgmma makes every fp16/bf16 tensor-core GEMM of the CUDA ops (forward y,
-dx, mixed-adapter forward and dx) run the wgmma kernel instead of the mma.sync one. The emulator
+FUSED_LORA_CUDA_GEMM=wgmma (128x128 tiles) or wgmma256 (128x256) makes every fp16/bf16
+tensor-core GEMM of the CUDA ops (forward y, dx, mixed-adapter forward and dx) run the wgmma
+kernel instead of the mma.sync one; every test here runs with both. The emulator
 queues each wgmma.mma_async and performs it only when wgmma_wait retires its group, reading the
 128-byte-swizzled shared memory through the decoded descriptors (csrc/sim/simt_emu.cpp), with
 the dynamic shared memory at a shared address that is not 1024-byte aligned. So these tests
@@ -37,9 +38,12 @@ def sim():
     return build_sim()
 
 
-@pytest.fixture(autouse=True)
-def wgmma(monkeypatch):
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "wgmma")
+@pytest.fixture(autouse=True, params=["wgmma", "wgmma256"])
+def wgmma(monkeypatch, request):
+    """Every test runs on both tile widths: 128x128 (m64n128k16, the init in registers of its
+    own) and 128x256 (m64n256k16, the GEMM tile parked in shared memory for the init)."""
+    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", request.param)
+    return request.param
 
 
 def _wgmma_count(sim) -> int:
@@ -104,7 +108,7 @@ def test_default_is_mma_in_the_emulator(sim, monkeypatch):
         after = sim.sim_stats()
         assert after[6] == before[6] and after[5] > before[5]
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "tensorcores")
-    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma or auto"):
+    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma, wgmma256 or auto"):
         _fwd_bwd(sim, *_args(torch.float16, 129, 64, 128, 4))
 
 

@@ -112,6 +112,7 @@ struct Fiber {
 // One queued wgmma.mma_async (a whole warpgroup's): operands are read when it is retired.
 struct WgOp {
   bool bf16, trans_b;
+  int n;  // N of m64nNk16: 128 or 256
   uint64_t da, db;
   float* d[128];  // each thread's 64 accumulators
 };
@@ -209,7 +210,9 @@ const char* op_name(const Fiber& f) {
                            : "ldmatrix";
     case kOpMma: return f.kind ? "mma_16816<bf16>" : "mma_16816<f16>";
     case kOpWgFence: return "wgmma_fence";
-    case kOpWgMma: return f.kind ? "wgmma_m64n128k16<bf16>" : "wgmma_m64n128k16<f16>";
+    case kOpWgMma:
+      return f.arg == 256 ? (f.kind ? "wgmma_m64n256k16<bf16>" : "wgmma_m64n256k16<f16>")
+                          : (f.kind ? "wgmma_m64n128k16<bf16>" : "wgmma_m64n128k16<f16>");
     case kOpWgCommit: return "wgmma_commit";
     case kOpWgWait: return "wgmma_wait";
     default: return "?";
@@ -619,9 +622,9 @@ const unsigned char* swizzled(uint32_t a) {
   return g.dyn + (p - kDynShared);
 }
 
-// Retires one queued MMA: D[64][128] += A[64][16] B[16][128], fp32 in k order (PTX ISA
+// Retires one queued MMA: D[64][N] += A[64][16] B[16][N], fp32 in k order (PTX ISA
 // 9.7.15.5.1: A K-major; B K-major, or N-major when trans_b; D fragments: thread i of the
-// warpgroup holds rows 16(i/32) + (i%32)/4 (+8) and columns 8j + 2(i%4) (+1), j < 16, as
+// warpgroup holds rows 16(i/32) + (i%32)/4 (+8) and columns 8j + 2(i%4) (+1), j < N/8, as
 // d[4j .. 4j+3]).
 void retire(Fiber* self, const WgOp& op) {
   ++G().wgmma;
@@ -633,7 +636,8 @@ void retire(Fiber* self, const WgOp& op) {
   }
   const uint32_t a0 = field(op.da, 0), a_sbo = field(op.da, 32);
   const uint32_t b0 = field(op.db, 0), b_lbo = field(op.db, 16), b_sbo = field(op.db, 32);
-  static thread_local float A[64][16], B[16][128], D[64][128];
+  static thread_local float A[64][16], B[16][256], D[64][256];
+  const int NN = op.n;
   auto load = [&](uint32_t addr, const char* which, int r, int c) -> float {
     const unsigned char* q = swizzled(addr);
     if (q == nullptr)
@@ -644,7 +648,7 @@ void retire(Fiber* self, const WgOp& op) {
   for (int m = 0; m < 64; ++m)  // K-major: rows of 128 bytes in atoms of 8, atoms SBO apart
     for (int k = 0; k < 16; ++k)
       A[m][k] = load(a0 + (m % 8) * 128 + (m / 8) * a_sbo + k * 2, "A", m, k);
-  for (int n = 0; n < 128; ++n)
+  for (int n = 0; n < NN; ++n)
     for (int k = 0; k < 16; ++k) {
       const uint32_t off = op.trans_b
           ? (n % 64) * 2 + (n / 64) * b_lbo + (k % 8) * 128 + (k / 8) * b_sbo  // N-major
@@ -654,7 +658,7 @@ void retire(Fiber* self, const WgOp& op) {
   for (int i = 0; i < 128; ++i) {
     const float* d = op.d[i];
     const int r = 16 * (i / 32) + (i % 32) / 4, c = 2 * (i % 4);
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < NN / 8; ++j) {
       D[r][8 * j + c] = d[4 * j];
       D[r][8 * j + c + 1] = d[4 * j + 1];
       D[r + 8][8 * j + c] = d[4 * j + 2];
@@ -662,7 +666,7 @@ void retire(Fiber* self, const WgOp& op) {
     }
   }
   for (int m = 0; m < 64; ++m)
-    for (int n = 0; n < 128; ++n) {
+    for (int n = 0; n < NN; ++n) {
       float acc = D[m][n];
       for (int k = 0; k < 16; ++k) acc = std::fma(A[m][k], B[k][n], acc);
       D[m][n] = acc;
@@ -670,7 +674,7 @@ void retire(Fiber* self, const WgOp& op) {
   for (int i = 0; i < 128; ++i) {
     float* d = op.d[i];
     const int r = 16 * (i / 32) + (i % 32) / 4, c = 2 * (i % 4);
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < NN / 8; ++j) {
       d[4 * j] = D[r][8 * j + c];
       d[4 * j + 1] = D[r][8 * j + c + 1];
       d[4 * j + 2] = D[r + 8][8 * j + c];
@@ -701,14 +705,14 @@ void wg_collective(Fiber* f) {
   for (int i = 0; i < 128; ++i) {
     const Fiber& o = *th[i];
     if (o.op != f->op || o.kind != f->kind || o.flag != f->flag || o.val != f->val ||
-        o.res != f->res)
+        o.res != f->res || o.arg != f->arg)
       fail_fiber(f, fmt("%s: thread %d of the warpgroup is at %s (or passed other operands): a "
                         "divergent warpgroup collective", op_name(*f), wg * 128 + i,
                         op_name(o)));
   }
   switch (f->op) {
     case kOpWgMma: {
-      WgOp op{f->kind != 0, f->flag, f->val, f->res, {}};
+      WgOp op{f->kind != 0, f->flag, f->arg, f->val, f->res, {}};
       for (int i = 0; i < 128; ++i) op.d[i] = static_cast<float*>(th[i]->out);
       st.open.push_back(op);
       break;
@@ -943,8 +947,9 @@ void wg_op(const char* what, uint8_t op, int kind, bool flag, uint64_t v0, uint6
 void wg_fence() { wg_op("wgmma_fence", kOpWgFence, 0, false, 0, 0, nullptr, 0); }
 void wg_commit() { wg_op("wgmma_commit", kOpWgCommit, 0, false, 0, 0, nullptr, 0); }
 void wg_wait(int n) { wg_op("wgmma_wait", kOpWgWait, n, false, 0, 0, nullptr, n); }
-void wgmma(bool bf16, bool trans_b, float* d, uint64_t desc_a, uint64_t desc_b) {
-  wg_op("wgmma_m64n128k16", kOpWgMma, bf16 ? 1 : 0, trans_b, desc_a, desc_b, d, 0);
+void wgmma(bool bf16, bool trans_b, int n, float* d, uint64_t desc_a, uint64_t desc_b) {
+  wg_op(n == 256 ? "wgmma_m64n256k16" : "wgmma_m64n128k16", kOpWgMma, bf16 ? 1 : 0, trans_b,
+        desc_a, desc_b, d, n);
 }
 
 void cp_async16(void* smem, const void* gmem, bool pred) {

@@ -27,7 +27,7 @@
 //   * ldmatrix / mma.sync m16n8k16: from the PTX ISA text (see simt_emu.cpp for the sections);
 //     mma accumulates in fp32 in k order (products of fp16/bf16 are exact in fp32).
 //   * wgmma (warpgroup collectives: the 128 threads of warps 4w..4w+3, all of them, .aligned):
-//     wgmma_fence / wgmma_m64n128k16 / wgmma_commit / wgmma_wait complete when every thread of
+//     wgmma_fence / wgmma_m64n{128,256}k16 / wgmma_commit / wgmma_wait complete when every thread of
 //     the warpgroup waits at the same one with the same descriptors. An MMA is only queued when
 //     issued; it reads shared memory and updates the accumulators when wgmma_wait retires its
 //     group, so a stage overwritten before its MMAs were waited for gives wrong results, as it
@@ -123,7 +123,7 @@ void ldmatrix(int num, bool trans, uint32_t* r, const void* smem);
 void mma_16816(bool bf16, float* d, const uint32_t* a, const uint32_t* b);
 uint32_t smem_addr(const void* p);
 void wg_fence();
-void wgmma(bool bf16, bool trans_b, float* d, uint64_t desc_a, uint64_t desc_b);
+void wgmma(bool bf16, bool trans_b, int n, float* d, uint64_t desc_a, uint64_t desc_b);
 void wg_commit();
 void wg_wait(int n);
 
@@ -365,13 +365,21 @@ inline void wgmma_wait() {
   static_assert(N >= 0 && N <= 7, "wgmma.wait_group takes N in [0, 7]");
   sim::wg_wait(N);
 }
-inline void wgmma_fence_acc(float (&)[64]) {}
+template <int NA>
+inline void wgmma_fence_acc(float (&)[NA]) {}
 template <typename T, int TRANS_B>
 inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
                 "wgmma_m64n128k16<T>: T is __half or __nv_bfloat16");
   static_assert(TRANS_B == 0 || TRANS_B == 1, "TRANS_B is 0 or 1");
-  sim::wgmma(std::is_same_v<T, __nv_bfloat16>, TRANS_B != 0, d, desc_a, desc_b);
+  sim::wgmma(std::is_same_v<T, __nv_bfloat16>, TRANS_B != 0, 128, d, desc_a, desc_b);
+}
+template <typename T, int TRANS_B>
+inline void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>,
+                "wgmma_m64n256k16<T>: T is __half or __nv_bfloat16");
+  static_assert(TRANS_B == 0 || TRANS_B == 1, "TRANS_B is 0 or 1");
+  sim::wgmma(std::is_same_v<T, __nv_bfloat16>, TRANS_B != 0, 256, d, desc_a, desc_b);
 }
 
 }  // namespace fused_lora

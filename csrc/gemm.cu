@@ -393,9 +393,9 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
 }
 
 // ---- Tensor-core GEMM, wgmma (sm_90a): the same contract as gemm_tc_kernel -----------------------
-// On an H100/H200, mma.sync is not the fast path to the tensor cores: public measurements put it
-// at roughly 60-65% of the dense bf16 peak (989 TFLOPS) that the warpgroup MMA (wgmma), which
-// the Triton kernels' GEMMs use there, approaches. Here 2 warpgroups each own 64 rows x 128
+// On an H100/H200 the warpgroup MMA (wgmma), which the Triton kernels' GEMMs use there, is the
+// instruction that reaches the dense bf16 peak (989 TFLOPS); mma.sync falls short of it (by how
+// much on this kernel, bench linear's fused_cuda_mma row will show). Here 2 warpgroups each own 64 rows x 128
 // columns of the 128x128 tile and issue wgmma.m64n128k16 straight from shared memory (no
 // ldmatrix, no operand registers; 64 fp32 accumulators a thread, 172-178 registers, no spills:
 // ptxas sm_90a). BK = 64: one 128-byte row of 16-bit k per tile row, so every operand tile is a

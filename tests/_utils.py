@@ -58,3 +58,36 @@ def check_op_vs_reference(got, ref_fn, args, names, scaled_atol: bool = False,
         factor = fp32_factor if g.dtype == torch.float32 else 2.0
         assert err <= factor * pt_err + atol, (
             f"{name}: max err {err:.3e} > {factor} x torch err {pt_err:.3e} + {atol:.1e}")
+
+
+def lora_args(dtype, M, K, N, R, adapter_dtype=None, bias=True):
+    """Random single-adapter inputs (x, weight, bias, lora_A, lora_B) on the CPU."""
+    ad = adapter_dtype or dtype
+    x = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    a = (torch.randn(R, K) / K**0.5).to(ad)
+    bb = torch.randn(N, R).to(ad)
+    return x, w, b, a, bb
+
+
+def multi_lora_args(dtype, M, K, N, S, R, adapter_dtype=None, bias=True, ranks=True, absent=()):
+    """Random mixed-adapter inputs (x, weight, bias, lora_A, lora_B, scales, ids, ranks) on the
+    CPU: ids of every kind, ranks below R with NaN in the dead columns (when ranks)."""
+    ad = adapter_dtype or dtype
+    x = torch.randn(M, K).to(dtype)
+    w = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    a = (torch.randn(S, R, K) / K**0.5).to(ad)
+    bb = torch.randn(S, N, R).to(ad)
+    scales = torch.rand(S) + 0.5
+    # every kind of id: -1, the slots (but `absent`), out of range both ways (act as -1)
+    pool = torch.tensor([-1, S, S + 5, -7] + [s for s in range(S) if s not in absent])
+    ids = pool[torch.randint(0, len(pool), (M,))]
+    rk = None
+    if ranks:
+        rk = torch.tensor([R, 0, max(1, R // 3)] + [(R - s) % (R + 1) or R for s in range(3, S)])[:S]
+        for i in range(S):  # dead columns hold NaN: a kernel that reads them fails
+            a[i, int(rk[i]):] = float("nan")
+            bb[i, :, int(rk[i]):] = float("nan")
+    return x, w, b, a, bb, scales, ids, rk

@@ -607,11 +607,6 @@ def test_gpu_multi_prefill_cuda_graph_replay():
 
 # --- both tensor-core GEMMs (FUSED_LORA_CUDA_GEMM): mma.sync everywhere, wgmma on sm_90a ------
 
-def _wgmma_available() -> bool:
-    archs = str(_ext.build_info().get("archs") or "")
-    return HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and "90a" in archs
-
-
 # (M, K, N, R): BK = 64 edges (K = 64, 700 = 11 stages: every wgmma stage slot reused while its
 # MMAs are in flight), K odd (scalar loads into the swizzled tiles), split-K (M = 20 and 64),
 # ragged tiles, and one training-sized case (2048 x 4096 x 4096).
@@ -624,7 +619,7 @@ GEMM_SHAPES = [(9, 64, 128, 16), (20, 1000, 40, 16), (64, 4096, 4096, 16), (129,
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gpu_both_gemms(monkeypatch, gemm, shape, dtype):
-    if gemm.startswith("wgmma") and not _wgmma_available():
+    if gemm.startswith("wgmma") and not _ext.wgmma_available():
         pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", gemm)
     _gpu_case(shape, dtype, bias=shape[0] % 2 == 1, dropout=0.2)
@@ -636,7 +631,7 @@ def test_gpu_both_gemms(monkeypatch, gemm, shape, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemm", ["wgmma", "wgmma256"])
 def test_gpu_wgmma_graph_replay_and_agreement(monkeypatch, gemm):
-    if not _wgmma_available():
+    if not _ext.wgmma_available():
         pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", gemm)
     test_gpu_cuda_graph_replay()

@@ -33,6 +33,8 @@ import sys
 import pytest
 import torch
 from _utils import check_op_vs_reference
+from _utils import lora_args as _args
+from _utils import multi_lora_args as _multi_args
 
 from fused_lora import reference
 from fused_lora._sim import asan_runtime, build_sim, sim_unavailable_reason
@@ -226,16 +228,6 @@ SHAPES = [
 ]
 
 
-def _args(dtype, M, K, N, R, adapter_dtype=None, bias=True):
-    ad = adapter_dtype or dtype
-    x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K**0.5).to(dtype)
-    b = torch.randn(N).to(dtype) if bias else None
-    a = (torch.randn(R, K) / K**0.5).to(ad)
-    bb = torch.randn(N, R).to(ad)
-    return x, w, b, a, bb
-
-
 def _check(got, ref_fn, args, names):
     check_op_vs_reference(got, ref_fn, args, names)
 
@@ -367,26 +359,6 @@ def test_reverse_schedule_single(sim, reverse_schedule):
 # --------------------------------------------------------------------------------------------
 # Mixed adapters: multi_lora_linear_fwd / _bwd
 # --------------------------------------------------------------------------------------------
-
-
-def _multi_args(dtype, M, K, N, S, R, adapter_dtype=None, bias=True, ranks=True, absent=()):
-    ad = adapter_dtype or dtype
-    x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K**0.5).to(dtype)
-    b = torch.randn(N).to(dtype) if bias else None
-    a = (torch.randn(S, R, K) / K**0.5).to(ad)
-    bb = torch.randn(S, N, R).to(ad)
-    scales = torch.rand(S) + 0.5
-    # every kind of id: -1, the slots (but `absent`), out of range both ways (act as -1)
-    pool = torch.tensor([-1, S, S + 5, -7] + [s for s in range(S) if s not in absent])
-    ids = pool[torch.randint(0, len(pool), (M,))]
-    rk = None
-    if ranks:
-        rk = torch.tensor([R, 0, max(1, R // 3)] + [(R - s) % (R + 1) or R for s in range(3, S)])[:S]
-        for i in range(S):  # dead columns hold NaN: a kernel that reads them fails
-            a[i, int(rk[i]):] = float("nan")
-            bb[i, :, int(rk[i]):] = float("nan")
-    return x, w, b, a, bb, scales, ids, rk
 
 
 # (M, K, N, S, R): decode (GEMV M <= 8; one tile with up to S slots: more than the GEMM's 4 slot

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import check_op_vs_reference
+from _utils import check_op_vs_reference, lora_args, multi_lora_args
 
 from fused_lora import reference
 from fused_lora._sim import build_sim, sim_unavailable_reason
@@ -48,15 +48,6 @@ def wgmma(monkeypatch, request):
 
 def _wgmma_count(sim) -> int:
     return sim.sim_stats()[6]
-
-
-def _args(dtype, M, K, N, R, bias=True):
-    x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K**0.5).to(dtype)
-    b = torch.randn(N).to(dtype) if bias else None
-    a = (torch.randn(R, K) / K**0.5).to(dtype)
-    bb = torch.randn(N, R).to(dtype)
-    return x, w, b, a, bb
 
 
 def _fwd_bwd(sim, x, w, b, a, bb, p=0.3):
@@ -92,7 +83,7 @@ SHAPES = [
 def test_single(sim, shape, dtype):
     M, K, N, R = shape
     before = _wgmma_count(sim)
-    _fwd_bwd(sim, *_args(dtype, M, K, N, R, bias=M % 2 == 1))
+    _fwd_bwd(sim, *lora_args(dtype, M, K, N, R, bias=M % 2 == 1))
     assert _wgmma_count(sim) > before, "the wgmma GEMM did not run"
 
 
@@ -104,12 +95,12 @@ def test_default_is_mma_in_the_emulator(sim, monkeypatch):
         else:
             monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", v)
         before = sim.sim_stats()
-        _fwd_bwd(sim, *_args(torch.float16, 129, 64, 128, 4))
+        _fwd_bwd(sim, *lora_args(torch.float16, 129, 64, 128, 4))
         after = sim.sim_stats()
         assert after[6] == before[6] and after[5] > before[5]
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "tensorcores")
     with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma, wgmma256 or auto"):
-        _fwd_bwd(sim, *_args(torch.float16, 129, 64, 128, 4))
+        _fwd_bwd(sim, *lora_args(torch.float16, 129, 64, 128, 4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -117,7 +108,7 @@ def test_strided_views(sim, dtype):
     # Row pitches that are not multiples of 8 and a base 3 elements in: every operand chunk goes
     # through the scalar (non-cp.async) loads into the swizzled tiles.
     M, K, N, R = 200, 136, 264, 16
-    x, w, b, a, bb = _args(dtype, M, K, N, R)
+    x, w, b, a, bb = lora_args(dtype, M, K, N, R)
     xs = torch.empty(M, K + 5, dtype=dtype)[:, 3:3 + K]
     xs.copy_(x)
     ws = torch.empty(N, K + 3, dtype=dtype)[:, 1:1 + K]
@@ -130,25 +121,9 @@ def test_reverse_schedule(sim):
     # loads of one stage and the MMAs that read it shows in one of the two orders.
     sim.set_schedule(1)
     try:
-        _fwd_bwd(sim, *_args(torch.float16, 257, 700, 256, 16))
+        _fwd_bwd(sim, *lora_args(torch.float16, 257, 700, 256, 16))
     finally:
         sim.set_schedule(0)
-
-
-def _multi_args(dtype, M, K, N, S, R):
-    x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K**0.5).to(dtype)
-    b = torch.randn(N).to(dtype)
-    a = (torch.randn(S, R, K) / K**0.5).to(dtype)
-    bb = torch.randn(S, N, R).to(dtype)
-    scales = torch.rand(S) + 0.5
-    pool = torch.tensor([-1, S, -7] + list(range(S)))
-    ids = pool[torch.randint(0, len(pool), (M,))]
-    rk = torch.tensor([R, 0] + [max(1, (R * (s + 1)) // S) for s in range(2, S)])[:S]
-    for i in range(S):  # dead rank columns hold NaN: reading them fails the test
-        a[i, int(rk[i]):] = float("nan")
-        bb[i, :, int(rk[i]):] = float("nan")
-    return x, w, b, a, bb, scales, ids, rk
 
 
 # (M, K, N, S, R): decode-sized (M < 65: unsorted rows, up to S slots in a tile -> past the 4
@@ -160,7 +135,7 @@ MULTI_SHAPES = [(40, 130, 136, 12, 16), (300, 700, 257, 6, 33)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_multi(sim, shape, dtype):
     M, K, N, S, R = shape
-    args = _multi_args(dtype, M, K, N, S, R)
+    args = multi_lora_args(dtype, M, K, N, S, R)
     before = _wgmma_count(sim)
     y, xa = sim.multi_lora_linear_fwd(*args)
     check_op_vs_reference((y, xa), reference.multi_lora_linear_fwd, args, ("y", "xa"))
@@ -175,7 +150,7 @@ def test_multi(sim, shape, dtype):
 def test_matches_mma_kernel_closely(sim, monkeypatch):
     # Same operands through both GEMMs: fp32 accumulation of exact fp16 products in a different
     # order (init added last here), so the outputs agree to a rounding of the output dtype.
-    x, w, b, a, bb = _args(torch.float16, 257, 700, 256, 16)
+    x, w, b, a, bb = lora_args(torch.float16, 257, 700, 256, 16)
     args = (x, w, b, a, bb, 0.7, 0.0, SEED)
     y_wg, _ = sim.lora_linear_fwd(*args)
     monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "mma")

@@ -1,31 +1,24 @@
-"""Functional API: argument checking, autocast, flattening, backend resolution, dropout seed."""
+"""Functional API: argument handling, autocast, flattening, the backend choice, dropout seed.
+
+The walk from ``backend=`` to a launch: :func:`lora_linear` -> :func:`fused_lora.backends.select`
+(the one check and choice) -> :func:`fused_lora.ops.lora_linear_fwd` (schema, shape checks) ->
+the registry entry (``backends/<backend>.py``) -> its launcher -> the kernel.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from fused_lora import dispatch, ops
+from fused_lora import backends, ops, reference, routing
+from fused_lora.checks import check_lora_shapes, check_multi_shapes, check_tensor
+from fused_lora.routing import RoutingPlan
 
-__all__ = ["lora_linear", "check_lora_args", "multi_lora_linear", "check_multi_lora_args"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# fp64 runs on the torch reference only (gradcheck); the kernels take fp16/bf16/fp32.
-_KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_tensor(name: str, t: object, ndim: Optional[int] = None) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t
+__all__ = ["lora_linear", "multi_lora_linear", "draw_seed", "autocast_dtype"]
 
 
 def _check_scalar(name: str, v: object) -> float:
@@ -41,66 +34,11 @@ def _check_scalar(name: str, v: object) -> float:
     return v
 
 
-def _check_devices_dtypes(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-    others: Optional[dict[str, Optional[Tensor]]] = None,
-) -> None:
-    """One device for every tensor; weight/bias in x's dtype; adapters in x's dtype or fp32."""
-    tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
-               **(others or {})}
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must share a device")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype ({weight.dtype}) must match x dtype ({x.dtype})")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias dtype ({bias.dtype}) must match x dtype ({x.dtype})")
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B dtype ({lora_B.dtype}) must match lora_A dtype ({lora_A.dtype})")
-    if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(
-            f"lora_A/lora_B dtype ({lora_A.dtype}) must be x's dtype ({x.dtype}) or float32"
-        )
-
-
-def check_lora_args(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    dropout_p: float,
-) -> None:
-    """Raise TypeError / ValueError naming the offending argument for any inconsistent input."""
-    _check_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-d tensor")
-    _check_tensor("weight", weight, 2)
-    _check_tensor("lora_A", lora_A, 2)
-    _check_tensor("lora_B", lora_B, 2)
-    out_f, in_f = weight.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(
-            f"x's last dim ({x.shape[-1]}) must equal weight's in_features (weight is {tuple(weight.shape)})"
-        )
-    r = lora_A.shape[0]
-    if r < 1:
-        raise ValueError(f"rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
-    if lora_A.shape[1] != in_f:
-        raise ValueError(f"lora_A must be [r, in_features={in_f}], got {tuple(lora_A.shape)}")
-    if lora_B.shape[1] != r:
-        raise ValueError(
-            f"lora_B's rank ({lora_B.shape[1]}) must match lora_A's rank ({r}); lora_B must be [out, r]"
-        )
-    if lora_B.shape[0] != out_f:
-        raise ValueError(f"lora_B must be [out_features={out_f}, r], got {tuple(lora_B.shape)}")
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != out_f:
-            raise ValueError(f"bias must be [out_features={out_f}], got {tuple(bias.shape)}")
-    _check_devices_dtypes(x, weight, bias, lora_A, lora_B)
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+def _check_bool(name: str, v: object) -> bool:
+    # bool("no") is True: a non-bool here is a caller's mistake, not a truth value.
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r:.40}")
+    return v
 
 
 def _unflatten(y: Tensor, lead: torch.Size) -> Tensor:
@@ -119,6 +57,17 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Under torch.autocast: x, weight and bias cast to the autocast dtype (adapters stay as they
+    are, as F.linear would treat its inputs), and a context that turns autocast off around the
+    op (the kernels choose their own precisions). Otherwise the inputs and a null context."""
+    ac = autocast_dtype(x.device)
+    if ac is None:
+        return x, weight, bias, contextlib.nullcontext()
+    bias = bias.to(ac) if isinstance(bias, Tensor) else bias
+    return x.to(ac), weight.to(ac), bias, torch.autocast(x.device.type, enabled=False)
+
+
 def _mode(*tensors: Optional[Tensor]) -> str:
     """"fwd+bwd" when autograd will run a backward through the op, else "fwd" (dispatch)."""
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
@@ -126,14 +75,31 @@ def _mode(*tensors: Optional[Tensor]) -> str:
 
 
 def _rows(x: Tensor) -> int:
-    """Tokens in the call, for the dispatch table; 0 (unknown) for a symbolic size under
-    torch.compile with dynamic shapes, which must not be specialized on for a backend choice."""
+    """Tokens in the call, for the measured dispatch table; 0 (unknown) for a symbolic size under
+    torch.compile with dynamic shapes: a backend choice must not specialize the graph on M."""
     rows = 1
     for d in x.shape[:-1]:
-        if not isinstance(d, int):
+        if not isinstance(d, int) or isinstance(d, torch.SymInt):
             return 0
         rows *= d
     return rows
+
+
+def _needs_differentiable(*tensors: object) -> bool:
+    """True when autograd features the custom ops do not have are in use: forward-mode AD (dual
+    tensors), torch.func transforms, or a scale tensor that requires grad. Those calls run the
+    differentiable reference instead (plain torch ops: every derivative exists)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    for t in tensors:
+        if isinstance(t, Tensor):
+            if torch._C._functorch.is_functorch_wrapped_tensor(t):
+                return True
+            if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                return True
+    return False
 
 
 def draw_seed() -> Tensor:
@@ -148,7 +114,7 @@ def lora_linear(
     bias: Optional[Tensor],
     lora_A: Tensor,
     lora_B: Tensor,
-    scale: float,
+    scale: Union[float, Tensor],
     *,
     dropout_p: float = 0.0,
     training: bool = True,
@@ -162,139 +128,57 @@ def lora_linear(
         bias: (out_features,) or None, x's dtype.
         lora_A: (r, in_features), x's dtype or fp32 (PEFT keeps adapters in fp32).
         lora_B: (out_features, r), lora_A's dtype.
-        scale: the LoRA scaling s (lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA).
+        scale: the LoRA scaling s (lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA); a tensor
+            that requires grad gets its gradient (through the differentiable reference).
         dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
         training: dropout applies only when True.
-        backend: "auto", "triton", "cuda" or "torch" (see :mod:`fused_lora.dispatch`).
+        backend: "auto", a backend ("triton", "cuda", "torch") or a registry entry such as
+            "triton:inloop" or "cuda:wgmma256" (see :mod:`fused_lora.backends`).
 
     Returns:
         (..., out_features) in x's dtype. Under torch.autocast, x, weight and bias are cast to
         the autocast dtype first (adapters stay as they are), as F.linear would.
+
+    Forward-mode AD, torch.func transforms and double backward are supported through the
+    differentiable reference (plain torch ops; slower, same numbers).
 
     Equivalent PyTorch (fp32 accumulation)::
 
         xd = F.dropout(x, dropout_p, training)
         y = F.linear(x, weight, bias) + scale * F.linear(F.linear(xd, lora_A), lora_B)
     """
-    _check_tensor("x", x)
-    _check_tensor("weight", weight)
-    ac = autocast_dtype(x.device)
-    if ac is not None:
-        x, weight = x.to(ac), weight.to(ac)
-        bias = bias.to(ac) if isinstance(bias, Tensor) else bias
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-d tensor")
+    check_tensor("weight", weight)
+    x, weight, bias, no_autocast = _autocast(x, weight, bias)
     dropout_p = _check_scalar("dropout_p", dropout_p)
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p = dropout_p if _check_bool("training", training) else 0.0
+    scale_grad = isinstance(scale, Tensor) and scale.requires_grad
+    if scale_grad or _needs_differentiable(x, weight, bias, lora_A, lora_B, scale):
+        check_lora_shapes(x, weight, bias, lora_A, lora_B, x_ndim=None)
+        if isinstance(scale, Tensor) and scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a 1-element tensor, got shape {tuple(scale.shape)}")
+        seed = int(draw_seed()) if p > 0.0 else 0
+        with no_autocast:
+            return reference.lora_linear(x, weight, bias, lora_A, lora_B, scale.reshape(()) if
+                                         isinstance(scale, Tensor) else scale, p, seed)
     scale = _check_scalar("scale", scale)
-    check_lora_args(x, weight, bias, lora_A, lora_B, dropout_p)
-    be = dispatch.resolve(backend, x.device, "lora_linear", _mode(x, weight, bias, lora_A, lora_B),
-                          _rows(x), x.dtype)
-    if be != "torch" and x.dtype not in _KERNEL_FLOATS:
-        raise TypeError(f"x dtype {x.dtype} is only supported by backend='torch'")
-    p = dropout_p if training else 0.0
+    impl = backends.select("lora_linear", backend, x.device, x.dtype,
+                           _mode(x, weight, bias, lora_A, lora_B), _rows(x))
     seed = draw_seed() if p > 0.0 else None
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-        y, _ = ops.lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scale, p, seed, be)
+    with no_autocast:
+        y, _ = ops.lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed,
+                                   impl)
     return _unflatten(y, lead)
 
 
 # --------------------------------------------------------------------------------------------
 # Mixed adapters: one adapter id per token
 # --------------------------------------------------------------------------------------------
-
-_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
-def _value_checks_allowed(device: torch.device) -> bool:
-    """Checks on tensor *values* need a device-to-host copy: skipped under torch.compile
-    tracing and CUDA-graph capture (the kernels then treat bad ids as -1 instead)."""
-    if torch.compiler.is_compiling():
-        return False
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
-
-
-def check_multi_lora_args(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scales: Tensor,
-    adapter_ids: Tensor,
-    ranks: Optional[Tensor],
-    check_values: bool = True,
-) -> None:
-    """Raise TypeError / ValueError naming the offending argument. Shapes, dtypes and devices
-    always; with ``check_values`` also the id and rank ranges (a host sync)."""
-    _check_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-d tensor")
-    _check_tensor("weight", weight, 2)
-    _check_tensor("lora_A", lora_A, 3)
-    _check_tensor("lora_B", lora_B, 3)
-    out_f, in_f = weight.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(
-            f"x's last dim ({x.shape[-1]}) must equal weight's in_features (weight is {tuple(weight.shape)})"
-        )
-    n_slots, r_max = lora_A.shape[0], lora_A.shape[1]
-    if n_slots < 1:
-        raise ValueError(
-            f"lora_A must hold at least one slot [n_slots, r_max, in], got {tuple(lora_A.shape)}"
-        )
-    if r_max < 1:
-        raise ValueError(f"max rank r_max must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
-    if lora_A.shape[2] != in_f:
-        raise ValueError(
-            f"lora_A must be [n_slots, r_max, in_features={in_f}], got {tuple(lora_A.shape)}"
-        )
-    if tuple(lora_B.shape) != (n_slots, out_f, r_max):
-        raise ValueError(
-            f"lora_B must be [n_slots={n_slots}, out_features={out_f}, r_max={r_max}], "
-            f"got {tuple(lora_B.shape)}"
-        )
-    if bias is not None:
-        _check_tensor("bias", bias, 1)
-        if bias.shape[0] != out_f:
-            raise ValueError(f"bias must be [out_features={out_f}], got {tuple(bias.shape)}")
-    if not isinstance(scales, Tensor):
-        raise TypeError(f"scales must be a torch.Tensor [n_slots], got {type(scales).__name__}")
-    if not scales.is_floating_point():
-        raise TypeError(f"scales must be a floating tensor (float32), got {scales.dtype}")
-    if tuple(scales.shape) != (n_slots,):
-        raise ValueError(f"scales must be [n_slots={n_slots}], got {tuple(scales.shape)}")
-    if not isinstance(adapter_ids, Tensor):
-        raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(adapter_ids).__name__}")
-    if adapter_ids.dtype not in _INT_DTYPES:
-        raise TypeError(f"adapter_ids must be an integer tensor (int64 preferred), got {adapter_ids.dtype}")
-    if tuple(adapter_ids.shape) != tuple(x.shape[:-1]):
-        raise ValueError(
-            f"adapter_ids must have x's leading shape {tuple(x.shape[:-1])} (one id per token), "
-            f"got {tuple(adapter_ids.shape)}"
-        )
-    if ranks is not None:
-        if not isinstance(ranks, Tensor):
-            raise TypeError(f"ranks must be a torch.Tensor [n_slots] or None, got {type(ranks).__name__}")
-        if ranks.dtype not in _INT_DTYPES:
-            raise TypeError(f"ranks must be an integer tensor, got {ranks.dtype}")
-        if tuple(ranks.shape) != (n_slots,):
-            raise ValueError(f"ranks must be [n_slots={n_slots}], got {tuple(ranks.shape)}")
-    _check_devices_dtypes(x, weight, bias, lora_A, lora_B,
-                          {"scales": scales, "adapter_ids": adapter_ids, "ranks": ranks})
-    if check_values:
-        ids64 = adapter_ids.to(torch.int64)  # int8 ids vs n_slots > 127 must not overflow
-        bad = (ids64 < -1) | (ids64 >= n_slots)
-        if bool(bad.any()):
-            v = int(ids64[bad].flatten()[0])
-            raise ValueError(
-                f"adapter_ids must be in [-1, n_slots={n_slots}) (-1 = no adapter), got {v}"
-            )
-        if ranks is not None and ranks.numel():
-            lo, hi = int(ranks.min()), int(ranks.max())
-            if lo < 0 or hi > r_max:
-                raise ValueError(f"ranks must be in [0, r_max={r_max}], got values in [{lo}, {hi}]")
 
 
 def multi_lora_linear(
@@ -304,7 +188,7 @@ def multi_lora_linear(
     lora_A: Tensor,
     lora_B: Tensor,
     scales: Tensor,
-    adapter_ids: Tensor,
+    adapter_ids: Union[Tensor, RoutingPlan],
     *,
     ranks: Optional[Tensor] = None,
     backend: str = "auto",
@@ -321,39 +205,60 @@ def multi_lora_linear(
         bias: (out_features,) or None, x's dtype.
         lora_A: (n_slots, r_max, in_features), x's dtype or fp32.
         lora_B: (n_slots, out_features, r_max), lora_A's dtype.
-        scales: (n_slots,) per-adapter scaling (e.g. alpha / r), used as float32; not trained.
-        adapter_ids: integer tensor of x's leading shape, one id per token in [-1, n_slots).
+        scales: (n_slots,) per-adapter scaling (e.g. alpha / r), used as float32; a tensor that
+            requires grad gets its gradient (through the differentiable reference).
+        adapter_ids: a :class:`~fused_lora.routing.RoutingPlan` built once for the batch (every
+            layer reuses it, and the backward too), or an integer tensor of x's leading shape
+            (one id per token in [-1, n_slots)), from which a plan is built on the spot.
         ranks: optional (n_slots,) integer true ranks in [0, r_max]; columns past a slot's rank
             are never read (they may hold anything, NaN included). None: every slot has r_max.
-        backend: "auto", "triton", "cuda" or "torch" (see :mod:`fused_lora.dispatch`).
-        validate: check id / rank *values* (one host sync). Skipped automatically under
-            torch.compile and CUDA-graph capture; unchecked out-of-range ids act as -1 (never
-            an out-of-bounds access).
+        backend: "auto", a backend or a registry entry such as "triton:decode".
+        validate: with raw ids, check id / rank *values* (one host sync). Skipped automatically
+            under torch.compile, CUDA-graph capture and on the meta device; unchecked
+            out-of-range ids act as -1 (never an out-of-bounds access). A plan was checked when
+            it was built.
 
     Returns:
         (..., out_features) in x's dtype. Gradients flow to x, lora_A and lora_B (only the
         slots present in the batch get non-zero gradient), and to weight / bias if they
         require grad.
     """
-    _check_tensor("x", x)
-    _check_tensor("weight", weight)
-    ac = autocast_dtype(x.device)
-    if ac is not None:
-        x, weight = x.to(ac), weight.to(ac)
-        bias = bias.to(ac) if isinstance(bias, Tensor) else bias
-    check_multi_lora_args(
-        x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks,
-        check_values=bool(validate) and _value_checks_allowed(x.device),
-    )
-    be = dispatch.resolve(backend, x.device, "multi_lora_linear",
-                          _mode(x, weight, bias, lora_A, lora_B), _rows(x), x.dtype)
-    if be != "torch" and x.dtype not in _KERNEL_FLOATS:
-        raise TypeError(f"x dtype {x.dtype} is only supported by backend='torch'")
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    ids = adapter_ids.reshape(-1).to(torch.int64)
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    x, weight, bias, no_autocast = _autocast(x, weight, bias)
+    validate = _check_bool("validate", validate)
+    check_multi_shapes(x, weight, bias, lora_A, lora_B, scales, ranks, None, x_ndim=None)
+    n_slots, lead = lora_A.shape[0], tuple(x.shape[:-1])
+    if isinstance(adapter_ids, RoutingPlan):
+        plan = adapter_ids
+        plan.check_for(lead, n_slots, x.device)
+    else:
+        if not isinstance(adapter_ids, Tensor):
+            raise TypeError(
+                f"adapter_ids must be a torch.Tensor or a RoutingPlan, got {type(adapter_ids).__name__}"
+            )
+        if tuple(adapter_ids.shape) != lead:
+            raise ValueError(
+                f"adapter_ids must have x's leading shape {lead} (one id per token), got "
+                f"{tuple(adapter_ids.shape)}"
+            )
+        if adapter_ids.device != x.device:
+            raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
+        plan = RoutingPlan.build(adapter_ids, n_slots, validate=validate)
+        if validate and ranks is not None and ranks.numel() and routing._host_checks_allowed(ranks):
+            lo, hi = (int(v) for v in torch.stack([ranks.min(), ranks.max()]).to(torch.int64).tolist())
+            if lo < 0 or hi > lora_A.shape[1]:
+                raise ValueError(f"ranks must be in [0, r_max={lora_A.shape[1]}], got values in [{lo}, {hi}]")
     rk = ranks.to(torch.int64) if ranks is not None else None
-    sc = scales.to(torch.float32)
-    with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-        y, _ = ops.multi_lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, sc, ids, rk, be)
-    return _unflatten(y, lead)
+    if (isinstance(scales, Tensor) and scales.requires_grad) or _needs_differentiable(
+            x, weight, bias, lora_A, lora_B, scales):
+        with no_autocast:
+            y = reference.multi_lora_linear_differentiable(
+                x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scales, plan.ids, rk)
+        return _unflatten(y, torch.Size(lead))
+    impl = backends.select("multi_lora_linear", backend, x.device, x.dtype,
+                           _mode(x, weight, bias, lora_A, lora_B), _rows(x))
+    with no_autocast:
+        y, _ = ops.multi_lora_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                         scales.to(torch.float32), rk, plan.data, impl)
+    return _unflatten(y, torch.Size(lead))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from fused_lora import dispatch
+from fused_lora import backends
 from fused_lora.functional import _check_scalar, lora_linear, multi_lora_linear
+from fused_lora.routing import BatchRouting, RoutingPlan
 
 __all__ = ["FusedLoRALinear", "MultiLoRALinear"]
 
@@ -60,8 +61,7 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"r must be an int >= 1, got {r!r}")
         if not (0.0 <= float(lora_dropout) < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        if backend not in ("auto",) + dispatch.BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + dispatch.BACKENDS}, got {backend!r}")
+        backends.check_name("lora_linear", backend)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.lora_dropout = float(lora_dropout)
@@ -293,8 +293,7 @@ class MultiLoRALinear(nn.Module):
         for name, v in (("n_slots", n_slots), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if backend not in ("auto",) + dispatch.BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + dispatch.BACKENDS}, got {backend!r}")
+        backends.check_name("multi_lora_linear", backend)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.n_slots, self.max_rank, self.backend = n_slots, max_rank, backend
         # Shared, frozen base (same Parameter objects as `base`).
@@ -355,10 +354,12 @@ class MultiLoRALinear(nn.Module):
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
 
-    def forward(self, x: Tensor, adapter_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, adapter_ids: Optional[Union[Tensor, RoutingPlan]] = None) -> Tensor:
         ids = adapter_ids if adapter_ids is not None else self.default_adapter_ids
         if ids is None:
-            raise ValueError("adapter_ids is required (one id per token, -1 = base only)")
+            raise ValueError("adapter_ids is required (one id per token, -1 = base only, or a RoutingPlan)")
+        if isinstance(ids, BatchRouting):  # set once per model forward: one plan for every layer
+            ids = ids.plan_for(tuple(x.shape[:-1]))
         return multi_lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scales, ids,
             ranks=self.ranks, backend=self.backend,

@@ -25,6 +25,7 @@ __all__ = [
     "multi_lora_linear",
     "multi_lora_linear_fwd",
     "multi_lora_linear_bwd",
+    "multi_lora_linear_differentiable",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -282,6 +283,36 @@ def multi_lora_linear_bwd(
     dA_out = dA.to(lora_A.dtype) if dA is not None else lora_A.new_empty(0)
     dB_out = dB.to(lora_B.dtype) if dB is not None else lora_B.new_empty(0)
     return dx, dA_out, dB_out
+
+
+def multi_lora_linear_differentiable(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scales: Tensor,
+    adapter_ids: Tensor,
+    ranks: Optional[Tensor] = None,
+) -> Tensor:
+    """Differentiable mixed-adapter forward on 2-D x [M, in] (plain autograd, any order of
+    derivatives, forward-mode AD, torch.func): one masked product per slot present. Gradients
+    reach x, weight, bias, lora_A, lora_B and scales. Reads the ids on the host (eager only)."""
+    acc = acc_dtype(x.dtype)
+    n_slots, r_max = lora_A.shape[0], lora_A.shape[1]
+    xf = x.to(acc)
+    y = xf @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    live = _rank_mask(ranks, n_slots, r_max, x.device).to(acc)
+    for slot in torch.unique(ids[(ids >= 0) & (ids < n_slots)]).tolist():
+        rows = (ids == slot).to(acc)[:, None]  # [M, 1]: this slot's tokens
+        # Columns past the rank are selected away (not multiplied by 0: they may hold NaN).
+        a = torch.where(live[slot][:, None] > 0, lora_A[slot].to(acc), 0.0)
+        b = torch.where(live[slot][None, :] > 0, lora_B[slot].to(acc), 0.0)
+        y = y + rows * (scales[slot].to(acc) * ((xf @ a.t()) @ b.t()))
+    return y.to(x.dtype)
 
 
 def multi_lora_linear(

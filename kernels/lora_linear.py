@@ -326,14 +326,15 @@ def lora_linear_fwd(
     scale: float,
     dropout_p: float,
     seed: int,
-    shrink: Optional[str] = None,
+    *,
+    shrink: str = "pre",
 ) -> tuple[Tensor, Tensor]:
     """Triton forward; same contract as fused_lora.reference.lora_linear_fwd.
 
     shrink: "pre" (xa by _lora_shrink_kernel, then the GEMM) or "fused" (xa inside the GEMM's
-    K loop; only without dropout and for r <= 64, else "pre"). Default: the environment
-    variable FUSED_LORA_FWD_SHRINK, else "pre". Which is faster is shape-dependent and must
-    be measured on the GPU (`python -m fused_lora.bench linear` times both)."""
+    K loop; only without dropout and for r <= 64, else "pre"; registry entry triton:inloop).
+    Which is faster is shape-dependent and must be measured on the GPU (`python -m
+    fused_lora.bench linear` times both)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -348,7 +349,8 @@ def lora_linear_fwd(
     prec = _fp32_precision()
     a_fp32 = lora_A.dtype == torch.float32
     lora_prec = "tf32x3" if (a_fp32 or x.dtype == torch.float32) and prec == "ieee" else "tf32"
-    shrink = shrink or os.environ.get("FUSED_LORA_FWD_SHRINK", "pre")
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the epilogue reads bias as ptr + n: a strided view reads wrong
     if shrink not in ("pre", "fused"):
         raise ValueError(f"shrink must be 'pre' or 'fused', got {shrink!r}")
     fuse = shrink == "fused" and dropout_p == 0.0 and R <= BLOCK_R

@@ -47,8 +47,11 @@ Path choice (_choose_path, from shapes only; the crossovers need GPU measurement
 "decode" (BGMV shrink + gathered GEMM) for M <= 64; for larger M the segmented shrink (each
 adapter's A read once per 64-token tile instead of once per token) with the segmented GEMM when
 the worst case (every slot present, each adding a partial tile) at most doubles the GEMM's
-tile count, else with the gathered GEMM ("hybrid"). Override with the ``path`` argument or
-FUSED_LORA_MULTI_PATH=decode|prefill|hybrid.
+tile count, else with the gathered GEMM ("hybrid"). Override with the ``path`` argument (the
+registry entries triton:decode / triton:prefill / triton:hybrid).
+
+The tokens' grouping (stable sort, segments, tile table) is not computed here: it comes from
+the batch's routing plan (fused_lora.routing), built once for every layer and the backward.
 
 A batch without adapters does no LoRA work: shrink programs return after loading one id (or
 one tile-table entry), expand loops run zero times. Backward: ds reuses the shrink kernels
@@ -70,7 +73,7 @@ and weight-gradient configs spill 24-1264 stack bytes (fp32 is not the performan
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 from typing import Optional
 
 import torch
@@ -85,14 +88,15 @@ from fused_lora.kernels.lora_linear import (
     _grouped_pid,
     _m_key,
 )
+from fused_lora.routing import BLOCK_M as ROUTING_BLOCK_M
+from fused_lora.routing import RoutingView
 
 __all__ = ["multi_lora_linear_fwd", "multi_lora_linear_bwd"]
 
 # Decode-path batches: up to 64 tokens (vLLM's / Punica's BGMV regime).
 _DECODE_MAX_M = 64
-# Rows per prefill tile. 64 keeps the partial tile of each segment cheap (at most 63 idle rows)
-# while still feeding 64-row tensor-core MMAs; the interpreter uses 16 so small tests span tiles.
-_SEG_BLOCK_M = 16 if INTERPRET else 64
+# Rows per prefill tile: the routing plan's tile table is cut at fused_lora.routing.BLOCK_M.
+_SEG_BLOCK_M = ROUTING_BLOCK_M
 # BGMV shrink: 16 rank columns x BLOCK_K elements of A per step.
 _BGMV_BLOCK_R = 16
 _BGMV_BLOCK_K = 32 if INTERPRET else 256
@@ -150,8 +154,9 @@ def _slot_rank(ranks_ptr, slot, valid, R_MAX, HAS_RANKS: tl.constexpr):
     """Live rank of ``slot`` (scalar or vector): ranks[slot] clamped to [0, R_MAX], 0 where
     not ``valid``. ``slot`` must already be clamped in-bounds."""
     if HAS_RANKS:
-        r = tl.load(ranks_ptr + slot, mask=valid, other=0).to(tl.int32)
-        r = tl.minimum(tl.maximum(r, 0), R_MAX)
+        # Clamp in the stored (int64) width first: casting 2**32 + 1 to int32 first would make it 1.
+        r = tl.load(ranks_ptr + slot, mask=valid, other=0)
+        r = tl.minimum(tl.maximum(r, 0), R_MAX).to(tl.int32)
         r = tl.where(valid, r, 0)
     else:
         r = tl.where(valid, R_MAX, 0)
@@ -451,8 +456,9 @@ def _choose_path(M: int, n_slots: int, path: Optional[str]) -> tuple[str, str]:
     segmented GEMM ("prefill") when its worst-case overhead -- one partial tile per adapter
     present, min(n_slots + 1, M) of them -- at most doubles the cdiv(M, 64) full tiles, else the
     gathered GEMM ("hybrid"). The crossovers are guesses until the GPU benchmark measures them
-    (decode 1..256 tokens over 128 slots; prefill 4096 tokens over 8 adapters)."""
-    path = path or os.environ.get("FUSED_LORA_MULTI_PATH") or "auto"
+    (decode 1..256 tokens over 128 slots; prefill 4096 tokens over 8 adapters); the registry's
+    entries triton:decode / triton:prefill / triton:hybrid force one."""
+    path = path or "auto"
     if path in _PATHS:
         return _PATHS[path]
     if path != "auto":
@@ -467,62 +473,18 @@ def _choose_path(M: int, n_slots: int, path: Optional[str]) -> tuple[str, str]:
 def _split_k(M: int, K: int, device: torch.device, split_k: Optional[int]) -> int:
     """K-slices of the decode shrink: enough programs for ~4 per SM, each slice >= 512 of K
     (two 256-wide steps, so the partial-sum traffic, 4 * r bytes per slice, stays < 1% of the
-    2 * r * 512 bytes of A it reads). Override: split_k / FUSED_LORA_MULTI_SPLIT_K."""
-    env = os.environ.get("FUSED_LORA_MULTI_SPLIT_K")
-    if split_k is None and env:
-        split_k = int(env)
+    2 * r * 512 bytes of A it reads). Override: split_k."""
     if split_k is not None:
         return max(1, min(int(split_k), K))
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, M), triton.cdiv(K, 512)))
+    return max(1, min(triton.cdiv(4 * _sm_count(device.index), M), triton.cdiv(K, 512)))
 
 
-def _segments(ids: Tensor, n_slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Group tokens by adapter on the device. Returns (perm [M] int32 token order sorted by
-    adapter, seg_start [S], seg_len [S], seg_slot [S]) with S = min(n_slots + 1, M), an upper
-    bound on the number of distinct keys; invalid ids (-1, out of range) form the last segment
-    with slot -1, unused segments have length 0 and slot -1. Only fixed-shape torch ops: no
-    host sync (CUDA-graph and torch.compile safe)."""
-    M = ids.numel()
-    valid = (ids >= 0) & (ids < n_slots)
-    key = torch.where(valid, ids, torch.full_like(ids, n_slots))
-    sk, perm = torch.sort(key, stable=True)
-    S = min(n_slots + 1, M)
-    change = torch.ones(M, dtype=torch.int64, device=ids.device)
-    change[1:] = (sk[1:] != sk[:-1]).to(torch.int64)
-    seg_of = torch.cumsum(change, 0) - 1  # [M], non-decreasing segment index
-    j = torch.arange(S, dtype=torch.int64, device=ids.device)
-    seg_start = torch.searchsorted(seg_of, j)
-    seg_len = torch.searchsorted(seg_of, j, right=True) - seg_start
-    first = sk[seg_start.clamp(max=M - 1)]
-    seg_slot = torch.where((seg_len > 0) & (first < n_slots), first, torch.full_like(first, -1))
-    return perm.to(torch.int32), seg_start.to(torch.int32), seg_len.to(torch.int32), seg_slot
-
-
-def _tiles(seg_start: Tensor, seg_len: Tensor, seg_slot: Tensor, M: int, block_m: int
-           ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Tile table: (row0, row1, slot) per tile over sorted positions, and the tile count bound
-    T = cdiv(M, BM) + S (sum_j cdiv(len_j, BM) <= sum_j (len_j / BM + 1)). Idle tiles have
-    row0 == row1 and slot -1."""
-    S = seg_len.numel()
-    T = triton.cdiv(M, block_m) + S
-    n = (seg_len.to(torch.int64) + block_m - 1) // block_m
-    cum = torch.cumsum(n, 0)
-    t = torch.arange(T, dtype=torch.int64, device=seg_len.device)
-    j = torch.searchsorted(cum, t, right=True)
-    idle = j >= S
-    jc = j.clamp(max=S - 1)
-    first_tile = cum[jc] - n[jc]
-    start = seg_start.to(torch.int64)[jc]
-    row0 = start + (t - first_tile) * block_m
-    row1 = start + seg_len.to(torch.int64)[jc]
-    zero = torch.zeros_like(row0)
-    row0 = torch.where(idle, zero, row0).to(torch.int32)
-    row1 = torch.where(idle, zero, row1).to(torch.int32)
-    slot = torch.where(idle, torch.full_like(row0, -1, dtype=seg_slot.dtype), seg_slot[jc])
-    return row0, row1, slot, T
+@functools.cache
+def _sm_count(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
 
 
 def _lora_precision(x_dtype: torch.dtype, p_dtype: torch.dtype) -> str:
@@ -533,7 +495,7 @@ def _lora_precision(x_dtype: torch.dtype, p_dtype: torch.dtype) -> str:
 def _launch_shrink(inp: Tensor, P: Tensor, stride_ps: int, stride_pr: int, stride_pk: int,
                    ids: Tensor, ranks: Optional[Tensor], scales: Tensor, out: Tensor,
                    n_slots: int, R: int, apply_scale: bool, kind: str, split: int,
-                   tiles: Optional[tuple]) -> Tensor:
+                   plan: RoutingView) -> Tensor:
     """out[t, :r_i] = (s_i *) inp[t] P[i]^T (P[i] is r x K through the given strides) into the
     zero-filled fp32 out [M, R]; returns out."""
     M, K = inp.shape
@@ -557,7 +519,7 @@ def _launch_shrink(inp: Tensor, P: Tensor, stride_ps: int, stride_pr: int, strid
         if part.shape[0] > 1:
             torch.sum(part, 0, out=out)
         return out
-    perm, row0, row1, tslot, T = tiles
+    perm, row0, row1, tslot, T = plan.order, plan.tile_row0, plan.tile_row1, plan.tile_slot, plan.n_tiles
     BLOCK_R = _block_r(R)
     _mlora_sgmv_shrink_kernel[(T, triton.cdiv(R, BLOCK_R))](
         inp, P, perm, row0, row1, tslot, ranks_t, scales, out,
@@ -573,7 +535,7 @@ def _launch_shrink(inp: Tensor, P: Tensor, stride_ps: int, stride_pr: int, strid
 def _launch_gemm(x: Tensor, w: Tensor, stride_wn: int, stride_wk: int, N: int, bias: Optional[Tensor],
                  xa: Tensor, Q: Tensor, stride_qs: int, stride_qn: int, stride_qr: int, y: Tensor,
                  ids: Tensor, ranks: Optional[Tensor], scales: Tensor, n_slots: int, R: int,
-                 apply_scale: bool, kind: str, tiles: Optional[tuple]) -> None:
+                 apply_scale: bool, kind: str, plan: RoutingView) -> None:
     """y = x W^T (+ b) + (s_i) xa[t, :r_i] Q[i, :, :r_i]^T, W [N, K] and Q[i] [N, R] through
     strides."""
     M, K = x.shape
@@ -592,7 +554,7 @@ def _launch_gemm(x: Tensor, w: Tensor, stride_wn: int, stride_wk: int, N: int, b
             SEGMENTED=False, BLOCK_R=16, **common,  # BLOCK_R: unused by the gathered expand
         )
         return
-    perm, row0, row1, tslot, T = tiles
+    perm, row0, row1, tslot, T = plan.order, plan.tile_row0, plan.tile_row1, plan.tile_slot, plan.n_tiles
     _mlora_fwd_segmented[lambda META: (T * triton.cdiv(N, META["BLOCK_N"]),)](
         x, w, bias_t, xa, Q, y, ids, ranks_t, scales, perm, row0, row1, tslot,
         M, N, K, n_slots, R, T, _m_key(M), *strides,
@@ -600,16 +562,15 @@ def _launch_gemm(x: Tensor, w: Tensor, stride_wn: int, stride_wk: int, N: int, b
     )
 
 
-def _prep_ids(adapter_ids: Tensor, M: int) -> Tensor:
-    ids = adapter_ids.reshape(-1)
-    if ids.numel() != M:
-        raise ValueError(f"adapter_ids must have one id per row of x ({M}), got {ids.numel()}")
-    return ids.to(torch.int64).contiguous()
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers (same signatures as fused_lora.reference, plus keyword-only tuning knobs)
 # --------------------------------------------------------------------------------------------
+
+
+def _contiguous_1d(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels index 1-D tensors (bias, scales, ranks) as ptr + i: a strided view such as
+    t[::2] would be read wrong, so pass those few elements contiguous."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def multi_lora_linear_fwd(
@@ -619,17 +580,17 @@ def multi_lora_linear_fwd(
     lora_A: Tensor,
     lora_B: Tensor,
     scales: Tensor,
-    adapter_ids: Tensor,
     ranks: Optional[Tensor],
+    plan: RoutingView,
     *,
     path: Optional[str] = None,
     split_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward; same contract as fused_lora.reference.multi_lora_linear_fwd.
+    """Triton forward; contract of fused_lora.reference.multi_lora_linear_fwd with the tokens'
+    routing given by ``plan`` (:mod:`fused_lora.routing`, built once per batch).
 
-    path: "decode" / "prefill" / "hybrid" / None (auto, see _choose_path; env
-    FUSED_LORA_MULTI_PATH).
-    split_k: K-slices of the decode shrink (None: auto; env FUSED_LORA_MULTI_SPLIT_K)."""
+    path: "decode" / "prefill" / "hybrid" / None (auto, see _choose_path).
+    split_k: K-slices of the decode shrink (None: auto)."""
     M, K = x.shape
     N = weight.shape[0]
     n_slots, R = lora_A.shape[0], lora_A.shape[1]
@@ -641,21 +602,18 @@ def multi_lora_linear_fwd(
     if K == 0:
         y.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y))
         return y, xa
-    ids = _prep_ids(adapter_ids, M)
+    bias, scales, ranks = _contiguous_1d(bias), _contiguous_1d(scales), _contiguous_1d(ranks)
+    ids = plan.ids
     shrink_k, gemm_k = _choose_path(M, n_slots, path)
     lora = R > 0 and n_slots > 0
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        tiles = None
-        if (lora and shrink_k == "sgmv") or gemm_k == "segmented":
-            perm, seg_start, seg_len, seg_slot = _segments(ids, n_slots)
-            tiles = (perm, *_tiles(seg_start, seg_len, seg_slot, M, _SEG_BLOCK_M))
         if lora:
             _launch_shrink(x, lora_A, lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), ids, ranks,
                            scales, xa, n_slots, R, False, shrink_k, _split_k(M, K, x.device, split_k),
-                           tiles)
+                           plan)
         _launch_gemm(x, weight, weight.stride(0), weight.stride(1), N, bias, xa,
                      lora_B, lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y,
-                     ids, ranks, scales, n_slots if lora else 0, R, True, gemm_k, tiles)
+                     ids, ranks, scales, n_slots if lora else 0, R, True, gemm_k, plan)
     return y, xa
 
 
@@ -666,8 +624,8 @@ def multi_lora_linear_bwd(
     lora_A: Tensor,
     lora_B: Tensor,
     scales: Tensor,
-    adapter_ids: Tensor,
     ranks: Optional[Tensor],
+    plan: RoutingView,
     xa: Tensor,
     needs_dx: bool,
     needs_dA: bool,
@@ -676,7 +634,8 @@ def multi_lora_linear_bwd(
     path: Optional[str] = None,
     split_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backward; same contract as fused_lora.reference.multi_lora_linear_bwd.
+    """Triton backward; contract of fused_lora.reference.multi_lora_linear_bwd, routing from the
+    forward's ``plan`` (no sort here).
 
     Deterministic (no atomics): dA / dB blocks are each owned by one program that walks its
     adapter's tokens in sorted order. dA / dB are zero-filled full stacks (slots absent from the
@@ -693,29 +652,24 @@ def multi_lora_linear_bwd(
         if needs_dx:
             dx.zero_()
         return dx, dA, dB
-    ids = _prep_ids(adapter_ids, M)
+    scales, ranks = _contiguous_1d(scales), _contiguous_1d(ranks)
+    ids = plan.ids
     shrink_k, gemm_k = _choose_path(M, n_slots, path)
     lora = R > 0 and n_slots > 0
     need_ds = lora and (needs_dx or needs_dA)
-    need_tiles = (need_ds and shrink_k == "sgmv") or (needs_dx and gemm_k == "segmented")
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        perm = seg_start = seg_len = seg_slot = tiles = None
-        if need_tiles or (lora and (needs_dA or needs_dB)):
-            perm, seg_start, seg_len, seg_slot = _segments(ids, n_slots)
-        if need_tiles:
-            tiles = (perm, *_tiles(seg_start, seg_len, seg_slot, M, _SEG_BLOCK_M))
         ds = torch.zeros(M, max(R, 1), device=x.device, dtype=torch.float32)
         if need_ds:
             # ds = s_i dy B[i]: B[i] [N, R] read as an r x N operand through swapped strides.
             _launch_shrink(dy, lora_B, lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), ids, ranks,
-                           scales, ds, n_slots, R, True, shrink_k, _split_k(M, N, x.device, split_k), tiles)
+                           scales, ds, n_slots, R, True, shrink_k, _split_k(M, N, x.device, split_k), plan)
         if needs_dx:
             # dx = dy W0 + ds A[i]: the forward GEMM with W0^T and A[i]^T [K, R] through strides.
             _launch_gemm(dy, weight, weight.stride(1), weight.stride(0), K, None, ds,
                          lora_A, lora_A.stride(0), lora_A.stride(2), lora_A.stride(1), dx,
-                         ids, ranks, scales, n_slots if lora else 0, R, False, gemm_k, tiles)
+                         ids, ranks, scales, n_slots if lora else 0, R, False, gemm_k, plan)
         if lora and (needs_dA or needs_dB):
-            S = seg_len.numel()
+            S = plan.seg_len.numel()
             ranks_t = ranks if ranks is not None else ids
             BLOCK_R = _block_r(R)
             nr = triton.cdiv(R, BLOCK_R)
@@ -728,7 +682,8 @@ def multi_lora_linear_bwd(
                 return (S, n_da + n_db)
 
             _mlora_bwd_weight_kernel[grid](
-                x, dy, ds, xa, dat, dbt, perm, seg_start, seg_len, seg_slot, ranks_t, scales,
+                x, dy, ds, xa, dat, dbt, plan.order, plan.seg_start, plan.seg_len, plan.seg_slot,
+                ranks_t, scales,
                 N, K, n_slots, R, _m_key(M),
                 x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), ds.stride(0), ds.stride(1),
                 xa.stride(0), xa.stride(1), dat.stride(0), dat.stride(1), dat.stride(2),

@@ -1,4 +1,4 @@
-"""backend="auto" follows measurements: dispatch.measured_choice / resolve over a table like the
+"""backend="auto" follows measurements: dispatch.measured_choice / backends.select over a table like the
 one `python -m fused_lora.bench dispatch` writes on a GPU, and the bench's table writer
 (table_entries, merge_table). No GPU needed: the device name and availability are stubbed."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from fused_lora import dispatch
+from fused_lora import backends, dispatch
 from fused_lora.bench import suite_dispatch
 
 GPU = "NVIDIA H100 80GB HBM3"
@@ -35,18 +35,27 @@ TABLE = [
 def stub(monkeypatch):
     """A visible 'H100' on which every backend is available; the table above."""
     available = {"triton", "cuda", "torch"}
-    monkeypatch.setattr(dispatch, "_device_name", lambda index: GPU)
-    monkeypatch.setattr(dispatch, "unavailable_reason",
-                        lambda b, d, op="lora_linear": "" if b in available else "stubbed out")
+    monkeypatch.setattr(dispatch, "device_key", lambda device: GPU if device.type == "cuda" else "cpu")
+    real = backends.unavailable_reason
+    def reason(op, b, d, dt=None):
+        if d.type != "cuda":
+            return real(op, b, d, dt)
+        return "" if b in available else "stubbed out"
+
+    monkeypatch.setattr(backends, "unavailable_reason", reason)
     monkeypatch.setattr(dispatch, "measured_table", lambda: tuple(TABLE))
     return available
+
+
+def resolve(backend, device, op="lora_linear", mode="fwd", rows=0, dtype=torch.bfloat16):
+    return backends.select(op, backend, device, dtype, mode, rows)
 
 
 @pytest.mark.parametrize("rows, want", [(1, "cuda"), (2, "cuda"), (12, "cuda"), (16, "cuda"),
                                         (200, "triton"), (1024, "triton"), (100000, "triton")])
 def test_nearest_rows_in_log2(stub, rows, want):
     assert dispatch.measured_choice("lora_linear", CUDA, "fwd", rows, torch.bfloat16) == want
-    assert dispatch.resolve("auto", CUDA, "lora_linear", "fwd", rows, torch.bfloat16) == want
+    assert resolve("auto", CUDA, "lora_linear", "fwd", rows, torch.bfloat16) == want
 
 
 def test_mode_op_dtype_and_gpu_select_the_entry(stub, monkeypatch):
@@ -56,12 +65,12 @@ def test_mode_op_dtype_and_gpu_select_the_entry(stub, monkeypatch):
     # AUTO_TABLE order decides (Triton first).
     assert dispatch.measured_choice("lora_linear", CUDA, "fwd", 1, torch.float16) is None
     assert dispatch.measured_choice("multi_lora_linear", CUDA, "fwd+bwd", 16, torch.bfloat16) is None
-    assert dispatch.resolve("auto", CUDA, "lora_linear", "fwd", 1, torch.float16) == "triton"
-    monkeypatch.setattr(dispatch, "_device_name", lambda index: "NVIDIA A100-SXM4-80GB")
+    assert resolve("auto", CUDA, "lora_linear", "fwd", 1, torch.float16) == "triton"
+    monkeypatch.setattr(dispatch, "device_key", lambda device: "NVIDIA A100-SXM4-80GB")
     assert dispatch.measured_choice("lora_linear", CUDA, "fwd", 1, torch.bfloat16) is None
     # rows unknown (0: a symbolic size under torch.compile): no measurement is consulted.
-    monkeypatch.setattr(dispatch, "_device_name", lambda index: GPU)
-    assert dispatch.resolve("auto", CUDA, "lora_linear", "fwd", 0, torch.bfloat16) == "triton"
+    monkeypatch.setattr(dispatch, "device_key", lambda device: GPU)
+    assert resolve("auto", CUDA, "lora_linear", "fwd", 0, torch.bfloat16) == "triton"
 
 
 def test_unavailable_fastest_falls_to_the_next_measured(stub):
@@ -70,16 +79,16 @@ def test_unavailable_fastest_falls_to_the_next_measured(stub):
 
 
 def test_explicit_backend_and_cpu_ignore_the_table(stub):
-    assert dispatch.resolve("cuda", CUDA, "lora_linear", "fwd", 8192, torch.bfloat16) == "cuda"
-    assert dispatch.resolve("auto", torch.device("cpu"), "lora_linear", "fwd", 1) == "torch"
+    assert resolve("cuda", CUDA, "lora_linear", "fwd", 8192, torch.bfloat16) == "cuda"
+    assert resolve("auto", torch.device("cpu"), "lora_linear", "fwd", 1) == "torch"
 
 
 def test_shipped_table_is_valid_json_with_entries_list():
     data = json.loads(dispatch.MEASURED_TABLE_PATH.read_text())
     assert isinstance(data["entries"], list)
     for e in data["entries"]:  # every entry names where its numbers came from
-        assert {"gpu", "op", "mode", "dtype", "rows", "ms", "source", "torch", "triton"} <= set(e)
-        assert e["gpu"] and e["source"].endswith(".json")
+        assert {"op", "mode", "dtype", "rows", "ms", "source", "torch", "triton"} <= set(e)
+        assert (e.get("gpu") or e.get("device")) and e["source"].endswith(".json")
 
 
 def test_bench_table_writer_round_trip(stub, tmp_path):

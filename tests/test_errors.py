@@ -59,11 +59,12 @@ def test_device_mismatch_is_named():
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    from fused_lora import dispatch
+    from fused_lora import backends
+    from fused_lora.kernels import lora_linear as L
 
-    monkeypatch.setattr(dispatch, "triton_interpret", lambda: False)
+    monkeypatch.setattr(L, "INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        dispatch.resolve("triton", torch.device("cpu"))
+        backends.select("lora_linear", "triton", torch.device("cpu"), torch.float32)
 
 
 def test_fp64_needs_torch_backend():

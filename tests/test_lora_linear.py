@@ -257,9 +257,9 @@ def test_gpu_cuda_graph_replay():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_auto_backend_on_cuda_is_a_kernel():
-    from fused_lora import dispatch
+    from fused_lora import backends
 
-    assert dispatch.resolve("auto", torch.device("cuda")) in ("triton", "cuda")
+    assert backends.select("lora_linear", "auto", torch.device("cuda"), torch.bfloat16) in ("triton", "cuda")
 
 
 @pytest.mark.interpreter

@@ -9,14 +9,17 @@ the same tests run on CUDA tensors with bf16 added, plus the tests marked gpu.
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import TRITON_DEVICE, TRITON_DTYPES, assert_close_2x
+from _utils import INTERPRET, TRITON_DEVICE, TRITON_DTYPES, assert_close_2x
 
 import fused_lora
 from fused_lora import ops
 from fused_lora import reference as ref
+from fused_lora.routing import RoutingPlan
 
 PATTERNS = ["distinct", "uniform", "zipf", "identical", "skewed"]
 PATHS = ["decode", "prefill"]  # "hybrid" (segmented shrink + gathered GEMM): its own test
@@ -28,14 +31,19 @@ M0, K0, N0, R0, S0 = 24, 40, 36, 20, 6
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Force the Triton path (decode: split-K 2 so the partial-sum reduction is exercised)."""
-    monkeypatch.setenv("FUSED_LORA_MULTI_PATH", request.param)
-    monkeypatch.setenv("FUSED_LORA_MULTI_SPLIT_K", "2")
+    """Force the Triton path for backend="triton" (decode: split-K 2 so the partial-sum reduction
+    is exercised; the split is 1 on CPU otherwise)."""
+    from fused_lora.kernels import multi_lora as ML
+
+    choose, split = ML._choose_path, ML._split_k
+    monkeypatch.setattr(ML, "_choose_path", lambda M, S, p: choose(M, S, p or request.param))
+    monkeypatch.setattr(ML, "_split_k", lambda M, K, dev, sk: split(M, K, dev, 2 if sk is None else sk))
     return request.param
 
 
 def _ids(pattern: str, M: int, S: int, none_frac: float, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(hash((pattern, M, S, none_frac)) % (1 << 31))
+    # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), which made cases vary.
+    g = torch.Generator().manual_seed(zlib.crc32(repr((pattern, M, S, none_frac)).encode()))
     if pattern == "distinct":
         assert S >= M
         ids = torch.randperm(S, generator=g)[:M]
@@ -157,11 +165,10 @@ def test_triton_half(dtype, pattern, adapter_fp32, path):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("none_frac", [0.0, 0.5])
 @pytest.mark.parametrize("pattern", ["zipf", "skewed"])
-def test_triton_hybrid_path(pattern, none_frac, monkeypatch):
+def test_triton_hybrid_path(pattern, none_frac):
     # Segmented shrink + gathered GEMM: auto's choice for large M over a large bank.
-    monkeypatch.setenv("FUSED_LORA_MULTI_PATH", "hybrid")
     _run_case(*_inputs(M0, K0, N0, R0, S0, torch.float32, torch.float32, TRITON_DEVICE, pattern,
-                       none_frac), "triton")
+                       none_frac), "triton:hybrid")
 
 
 def test_auto_path_heuristic():
@@ -218,7 +225,14 @@ def test_none_rows_bit_exact(backend, path):
     y0 = fused_lora.multi_lora_linear(x, w, b, A, B, scales, none, ranks=ranks, backend=backend)
     rows = ids == -1
     assert rows.any() and (~rows).any()
-    assert torch.equal(y[rows], y0[rows])
+    if INTERPRET and backend == "triton" and path == "prefill":
+        # The interpreter's tl.dot is numpy's sgemm, whose rounding depends on a row's position
+        # in the tile (OpenBLAS micro-kernel remainders: 1-3 ulp seen); tile positions differ
+        # between the sorted mixed batch and the all -1 batch. A GPU MMA computes every row
+        # alike, so the bit-exact check below runs there.
+        torch.testing.assert_close(y[rows], y0[rows], rtol=5e-7, atol=5e-7)
+    else:
+        assert torch.equal(y[rows], y0[rows])
     # All -1: no adapter touched, even with a poisoned bank.
     y0n = fused_lora.multi_lora_linear(x, w, b, A * float("nan"), B, scales * float("nan"), none,
                                        ranks=ranks, backend=backend)
@@ -256,21 +270,21 @@ def test_triton_backward_deterministic_and_split_k():
 
     x, w, b, A, B, scales, ids, ranks = _inputs(M0, K0, N0, R0, S0, torch.float32, torch.float32,
                                                 TRITON_DEVICE, "zipf", 0.25)
-    ids = ids.reshape(-1)
-    y1, xa1 = multi_lora_linear_fwd(x, w, b, A, B, scales, ids, ranks, path="decode", split_k=1)
-    y3, xa3 = multi_lora_linear_fwd(x, w, b, A, B, scales, ids, ranks, path="decode", split_k=3)
+    plan = RoutingPlan.build(ids, S0).view()
+    y1, xa1 = multi_lora_linear_fwd(x, w, b, A, B, scales, ranks, plan, path="decode", split_k=1)
+    y3, xa3 = multi_lora_linear_fwd(x, w, b, A, B, scales, ranks, plan, path="decode", split_k=3)
     torch.testing.assert_close(y1, y3, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xa1, xa3, rtol=1e-5, atol=1e-5)
     dy = torch.randn_like(y1)
     for p in (*PATHS, "hybrid"):
-        g1 = multi_lora_linear_bwd(dy, x, w, A, B, scales, ids, ranks, xa1, True, True, True, path=p)
-        g2 = multi_lora_linear_bwd(dy, x, w, A, B, scales, ids, ranks, xa1, True, True, True, path=p)
+        g1 = multi_lora_linear_bwd(dy, x, w, A, B, scales, ranks, plan, xa1, True, True, True, path=p)
+        g2 = multi_lora_linear_bwd(dy, x, w, A, B, scales, ranks, plan, xa1, True, True, True, path=p)
         for t1, t2 in zip(g1, g2):
             assert torch.equal(t1, t2)  # no atomics: bitwise repeatable
     # Only some gradients asked for: the others come back empty.
-    dx, dA, dB = multi_lora_linear_bwd(dy, x, w, A, B, scales, ids, ranks, xa1, False, False, True)
+    dx, dA, dB = multi_lora_linear_bwd(dy, x, w, A, B, scales, ranks, plan, xa1, False, False, True)
     assert dx.numel() == 0 and dA.numel() == 0 and dB.shape == B.shape
-    dx, dA, dB = multi_lora_linear_bwd(dy, x, w, A, B, scales, ids, ranks, xa1, True, False, False)
+    dx, dA, dB = multi_lora_linear_bwd(dy, x, w, A, B, scales, ranks, plan, xa1, True, False, False)
     assert dx.shape == x.shape and dA.numel() == 0 and dB.numel() == 0
 
 
@@ -319,6 +333,12 @@ def _op_args(device, dtype=torch.float32, bias=True, ranks=True):
     return x, w, b, A, B, scales, ids, rk
 
 
+def _op_plan_args(device, **kw):
+    """Op-level arguments: (x, w, b, A, B, scales, ranks, routing-plan tensor)."""
+    x, w, b, A, B, scales, ids, rk = _op_args(device, **kw)
+    return x, w, b, A, B, scales, rk, RoutingPlan.build(ids, A.shape[0]).data
+
+
 OP_BACKENDS = [("torch", "cpu"), ("triton", TRITON_DEVICE)]
 
 
@@ -326,22 +346,22 @@ OP_BACKENDS = [("torch", "cpu"), ("triton", TRITON_DEVICE)]
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("bias,ranks", [(True, True), (False, False)])
 def test_opcheck_multi_lora_linear_fwd(backend, device, bias, ranks):
-    x, w, b, A, B, scales, ids, rk = _op_args(device, bias=bias, ranks=ranks)
+    x, w, b, A, B, scales, rk, plan = _op_plan_args(device, bias=bias, ranks=ranks)
     # opcheck's autograd checks differentiate through the bank: no NaN padding here.
     A, B = torch.nan_to_num(A), torch.nan_to_num(B)
     for t in (x, A, B):
         t.requires_grad_(True)
-    torch.library.opcheck(ops.multi_lora_linear_fwd, (x, w, b, A, B, scales, ids, rk, backend))
+    torch.library.opcheck(ops.multi_lora_linear_fwd, (x, w, b, A, B, scales, rk, plan, backend))
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, False), (True, False, False)])
 def test_opcheck_multi_lora_linear_bwd(backend, device, needs):
-    x, w, b, A, B, scales, ids, rk = _op_args(device)
-    y, xa = ops.multi_lora_linear_fwd(x, w, b, A, B, scales, ids, rk, backend)
+    x, w, b, A, B, scales, rk, plan = _op_plan_args(device)
+    y, xa = ops.multi_lora_linear_fwd(x, w, b, A, B, scales, rk, plan, backend)
     dy = torch.randn_like(y)
-    torch.library.opcheck(ops.multi_lora_linear_bwd, (dy, x, w, A, B, scales, ids, rk, xa, *needs, backend))
+    torch.library.opcheck(ops.multi_lora_linear_bwd, (dy, x, w, A, B, scales, rk, plan, xa, *needs, backend))
 
 
 def test_fake_impl_shapes_and_dtypes():
@@ -353,11 +373,14 @@ def test_fake_impl_shapes_and_dtypes():
         A = torch.empty(5, 4, 20, dtype=torch.float32)
         B = torch.empty(5, 18, 4, dtype=torch.float32)
         sc = torch.empty(5)
-        ids = torch.empty(7, dtype=torch.int64)
-        y, xa = ops.multi_lora_linear_fwd(x, w, None, A, B, sc, ids, None, "torch")
+        from fused_lora.routing import sizes
+
+        S, T = sizes(7, 5)
+        plan = torch.empty(3 * 7 + 3 * S + 3 * T, dtype=torch.int64)
+        y, xa = ops.multi_lora_linear_fwd(x, w, None, A, B, sc, None, plan, "torch")
         assert y.shape == (7, 18) and y.dtype == torch.float16
         assert xa.shape == (7, 4) and xa.dtype == torch.float32
-        dx, dA, dB = ops.multi_lora_linear_bwd(y, x, w, A, B, sc, ids, None, xa, True, False, True,
+        dx, dA, dB = ops.multi_lora_linear_bwd(y, x, w, A, B, sc, None, plan, xa, True, False, True,
                                                "torch")
         assert dx.shape == x.shape and dA.numel() == 0 and dB.shape == B.shape
 

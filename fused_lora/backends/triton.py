@@ -1,0 +1,44 @@
+"""The ``triton`` backend: the Triton kernels of ``kernels/`` (installed as fused_lora.kernels).
+
+Entries (variants are named here, never read from the environment at launch):
+
+=========================  ===================================================================
+lora_linear  triton        shrink pre-kernel + GEMM with the expand in its accumulator
+lora_linear  triton:inloop the shrink inside the GEMM's K loop (no dropout, r <= 64)
+multi        triton        path chosen from shapes (decode for M <= 64, else prefill/hybrid)
+multi        triton:decode / triton:prefill / triton:hybrid: that path at any M
+=========================  ===================================================================
+
+Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set
+before triton is first imported), except bf16 there (see backends.unavailable_reason)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fused_lora.backends import register_kernel
+from fused_lora.kernels import lora_linear as L
+from fused_lora.kernels import multi_lora as ML
+
+
+def _reason(device: torch.device) -> str:
+    if device.type == "cpu" and not L.INTERPRET:
+        return ("Triton kernels need CUDA tensors; to run them on CPU tensors set TRITON_INTERPRET=1 "
+                "in the environment before triton is first imported")
+    return ""
+
+
+register_kernel("lora_linear", "triton", fwd=L.lora_linear_fwd, bwd=L.lora_linear_bwd, reason=_reason,
+                doc="shrink pre-kernel + fused GEMM; fused backward")
+register_kernel("lora_linear", "triton:inloop", fwd=functools.partial(L.lora_linear_fwd, shrink="fused"),
+                bwd=L.lora_linear_bwd, reason=_reason, doc="shrink in the GEMM's K loop")
+
+for _path in (None, "decode", "prefill", "hybrid"):
+    register_kernel(
+        "multi_lora_linear", "triton" if _path is None else f"triton:{_path}",
+        fwd=functools.partial(ML.multi_lora_linear_fwd, path=_path),
+        bwd=functools.partial(ML.multi_lora_linear_bwd, path=_path),
+        reason=_reason, doc=f"mixed adapters, {_path or 'shape-chosen'} path",
+    )

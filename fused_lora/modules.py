@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -375,6 +375,22 @@ class FusedLoRALinear(nn.Module):
                 w.view(-1)[self._restore[1]] = self._restore[2]
         self._restore, self._merged_adapter = None, None
         self.merged = False
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedLoRALinear:
+        # The unmerge records are plain attributes, not parameters: without this a merged
+        # layer moved by .to() / .double() kept them on the old device / dtype, and unmerge()
+        # failed (index_put of fp32 values into an fp64 weight).
+        out = super()._apply(fn, recurse)
+
+        def conv(t: object) -> object:
+            return fn(t) if isinstance(t, Tensor) else t
+
+        if self._restore is not None:
+            self._restore = tuple(conv(t) for t in self._restore)
+        if getattr(self, "_merged_adapter", None) is not None:
+            A, B, s = self._merged_adapter
+            self._merged_adapter = (conv(A), conv(B), s)
+        return out
 
     def train(self, mode: bool = True) -> FusedLoRALinear:
         # nn.Module.train refuses a non-bool mode, but only after this override would have

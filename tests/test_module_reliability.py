@@ -131,6 +131,18 @@ def test_adapter_changed_while_merged_still_unmerges_to_w0():
     assert torch.equal(layer.weight, w0)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_merged_layer_survives_to_dtype_and_device(exact):
+    # The unmerge records follow .to(): a merged fp32 layer converted to fp64 unmerges.
+    layer = _layer(0).eval()
+    w0 = layer.weight.detach().clone()
+    layer.merge(exact_unmerge=exact)
+    layer.double()
+    layer.unmerge()
+    assert layer.weight.dtype == torch.float64
+    torch.testing.assert_close(layer.weight, w0.double(), rtol=0, atol=1e-6)
+
+
 def test_merge_in_train_mode_is_refused():
     layer = _layer(0)
     w0 = layer.weight.detach().clone()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+import numbers
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,73 @@ from fused_lora import backends
 from fused_lora.functional import _check_scalar, lora_linear, multi_lora_linear
 from fused_lora.routing import BatchRouting, RoutingPlan
 
-__all__ = ["FusedLoRALinear", "MultiLoRALinear"]
+__all__ = ["FusedLoRALinear", "MultiLoRALinear", "MERGED_KEY", "shared_weight_names"]
+
+# State-dict key a merged FusedLoRALinear adds (only when merged, so unmerged checkpoints keep
+# exactly PEFT's keys): its "weight" then holds W0 + s B A, not W0.
+MERGED_KEY = "lora_merged"
+
+
+def _check_bool(name: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r:.40}")
+    return v
+
+
+def _check_size(name: str, v: object, low: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r:.40}")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    return v
+
+
+def _check_float_dtype(name: str, v: object) -> None:
+    if v is not None and not (isinstance(v, torch.dtype) and v.is_floating_point):
+        raise TypeError(f"{name} must be a floating torch.dtype or None, got {v!r:.40}")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors share memory (same Parameter, or overlapping byte ranges of one
+    storage; the range test is conservative for interleaved strided views)."""
+    if a is b:
+        return True
+    try:
+        if a.device != b.device or a.device.type == "meta" or not a.numel() or not b.numel():
+            return False
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+
+        def span(t: Tensor) -> tuple[int, int]:
+            lo = t.data_ptr()
+            extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+            return lo, lo + extent * t.element_size()
+
+        (a0, a1), (b0, b1) = span(a), span(b)
+        return a0 < b1 and b0 < a1
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without plain storage
+        return False
+
+
+def shared_weight_names(model: nn.Module, layer: nn.Module) -> list[str]:
+    """Names in ``model`` of the parameters and buffers, outside ``layer`` itself, that share
+    memory with ``layer.weight`` or ``layer.bias`` (tied weights, e.g. an lm_head tied to the
+    input embedding, or a base nn.Linear still registered next to the layer wrapping it).
+
+    Merging ``layer`` rewrites its weight in place, so it would rewrite each of these too. A
+    layer cannot see its model: model-level merges call this (or ``layer.merge(model=model)``).
+    The same layer registered under several names is not a tie (every use wants the merge)."""
+    own = [t for t in (getattr(layer, "weight", None), getattr(layer, "bias", None)) if isinstance(t, Tensor)]
+    names = []
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        if mod is layer:
+            continue
+        for pname, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if isinstance(t, Tensor) and any(_overlaps(t, o) for o in own):
+                name = f"{mname}.{pname}" if mname else pname
+                if name not in names:
+                    names.append(name)
+    return names
 
 
 class FusedLoRALinear(nn.Module):
@@ -57,10 +124,21 @@ class FusedLoRALinear(nn.Module):
         _base: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
-        if not (0.0 <= float(lora_dropout) < 1.0):
+        # Everything is checked here, not at the first forward (lora_alpha=None used to fail
+        # there, as a TypeError from inside `scaling`).
+        _check_size("in_features", in_features, 0)
+        _check_size("out_features", out_features, 0)
+        _check_size("r", r, 1)
+        for name, v in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r:.40}")
+        if not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+        if not (0.0 <= float(lora_dropout) < 1.0):  # also refuses NaN
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        for name, v in (("bias", bias), ("use_rslora", use_rslora), ("fan_in_fan_out", fan_in_fan_out)):
+            _check_bool(name, v)
+        _check_float_dtype("adapter_dtype", adapter_dtype)
         backends.check_name("lora_linear", backend)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
@@ -95,6 +173,13 @@ class FusedLoRALinear(nn.Module):
         self.merged = False
         # Exact-unmerge record (see merge()): None, ("dense", W0) or ("sparse", idx, vals).
         self._restore: Optional[tuple] = None
+        # What merge() added: (A, B, s) copies, so unmerge() subtracts exactly that even if the
+        # adapter or lora_alpha changed while merged. r * (in + out) elements: 0.4% of W0 for
+        # r=8 on a 4096 x 4096 layer.
+        self._merged_adapter: Optional[tuple] = None
+        # Set by _load_from_state_dict for the post-load hook (children load in between).
+        self._pending_load: Optional[tuple] = None
+        self.register_load_state_dict_post_hook(_after_load_state_dict)
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
@@ -158,6 +243,14 @@ class FusedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def reset_parameters(self) -> None:
+        """Re-initialize everything as a fresh layer: base as nn.Linear, A kaiming, B zero,
+        unmerged. For meta-device construction: ``to_empty(device=...)`` leaves memory
+        uninitialized, and meta-init frameworks then call ``reset_parameters()``."""
+        self._reset_base()
+        self.reset_lora_parameters()
+        self.merged, self._restore, self._merged_adapter = False, None, None
+
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
@@ -167,6 +260,13 @@ class FusedLoRALinear(nn.Module):
         if self.merged:
             # The merged layer is one plain GEMM: no LoRA cost at all (the paper's point).
             return nn.functional.linear(x, self.base_weight(), self.bias)
+        if self.in_features == 0:
+            # nn.Linear(0, n) gives the bias (or zeros); the kernels cannot flatten [..., 0].
+            # The empty sums make the adapter term exact zeros, and B still gets its (zero)
+            # gradient, as it would for any batch. Dropout of an empty x is empty.
+            a = nn.functional.linear(x, self.lora_A.weight.to(x.dtype))
+            lora = nn.functional.linear(a, self.lora_B.weight.to(x.dtype)) * self.scaling
+            return nn.functional.linear(x, self.base_weight(), self.bias) + lora
         return lora_linear(
             x, self.base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
             dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
@@ -177,15 +277,26 @@ class FusedLoRALinear(nn.Module):
         """s * B A in fp32 (fp64 for fp64 weights): the update merge() adds to the stored
         weight, in its layout ([in, out], i.e. (s B A)^T, when fan_in_fan_out, as PEFT's
         get_delta_weight)."""
+        return self._delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def _delta(self, A: Tensor, B: Tensor, s: float) -> Tensor:
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        delta = self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))
+        delta = s * (B.to(acc) @ A.to(acc))
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge(self, exact_unmerge: bool = True) -> None:
+    def merge(self, exact_unmerge: bool = True, *, model: Optional[nn.Module] = None) -> None:
         """Fold the adapter into the base weight: W0 <- round(W0 + s B A), computed in fp32 and
         rounded once to W0's dtype, in place (the Parameter object is kept, so optimizers and
         tied references stay valid). Afterwards forward() is one plain F.linear.
+
+        Refused (RuntimeError) in train mode: a merged layer's forward has no LoRA term, so
+        training would silently stop updating the adapter. Call ``.eval()`` first.
+
+        model: the model holding this layer. When given, merging is refused if the weight (or
+        bias) shares memory with another parameter or buffer of the model (tied weights, e.g.
+        lm_head tied to the embedding): the in-place merge would rewrite that one too. The
+        layer cannot see ties without it (see :func:`shared_weight_names`).
 
         exact_unmerge=True (default): unmerge() restores W0 bit-for-bit. The cost is memory for
         only the elements that subtraction would not restore: merge() computes
@@ -200,12 +311,35 @@ class FusedLoRALinear(nn.Module):
         Repeated cycles do not accumulate error: once unmerged, W'' and W' map to each other
         exactly under merge/unmerge (tests/test_module.py checks 10 cycles), so the error stays
         that of the first cycle.
+
+        Either way merge() keeps a copy of (A, B, s), so unmerge() subtracts what was added even
+        if the adapter changes while merged; a merged layer's state dict carries
+        :data:`MERGED_KEY` so that loading it never applies the adapter twice.
         """
+        _check_bool("exact_unmerge", exact_unmerge)
         if self.merged:
             return
+        if self.training:
+            raise RuntimeError(
+                "merge() in train mode: a merged layer has no LoRA term in its forward, so the "
+                "adapter would get no gradients. Call .eval() first (train() unmerges again)."
+            )
+        if model is not None:
+            tied = shared_weight_names(model, self)
+            if tied:
+                raise RuntimeError(
+                    f"merge(): the weight is shared with {tied} (tied weights); merging in place "
+                    "would rewrite those too. Untie it first (give this layer its own copy, e.g. "
+                    "layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)) "
+                    "or leave this layer unmerged."
+                )
+        self._merge(exact_unmerge)
+
+    def _merge(self, exact_unmerge: bool) -> None:
         w = self.weight
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        delta = self.delta_weight().to(w.device)
+        snap = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone(), self.scaling)
+        delta = self._delta(*snap).to(w.device)
         merged = (w.to(acc) + delta).to(w.dtype)
         self._restore = None
         if exact_unmerge:
@@ -220,12 +354,13 @@ class FusedLoRALinear(nn.Module):
             else:
                 self._restore = ("sparse", None, None)
         w.copy_(merged)
+        self._merged_adapter = snap
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo merge(): W0 <- round(W' - s B A) in fp32, then patch the recorded elements
-        (bit-exact restore when merge(exact_unmerge=True))."""
+        """Undo merge(): W0 <- round(W' - s B A) in fp32 with the (A, B, s) merge() used, then
+        patch the recorded elements (bit-exact restore when merge(exact_unmerge=True))."""
         if not self.merged:
             return
         w = self.weight
@@ -233,17 +368,82 @@ class FusedLoRALinear(nn.Module):
         if self._restore is not None and self._restore[0] == "dense":
             w.copy_(self._restore[1])
         else:
-            w.copy_((w.to(acc) - self.delta_weight().to(w.device)).to(w.dtype))
+            snap = getattr(self, "_merged_adapter", None)
+            delta = self.delta_weight() if snap is None else self._delta(*snap)
+            w.copy_((w.to(acc) - delta.to(w.device)).to(w.dtype))
             if self._restore is not None and self._restore[1] is not None:
                 w.view(-1)[self._restore[1]] = self._restore[2]
-        self._restore = None
+        self._restore, self._merged_adapter = None, None
         self.merged = False
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FusedLoRALinear:
+        # The unmerge records are plain attributes, not parameters: without this a merged
+        # layer moved by .to() / .double() kept them on the old device / dtype, and unmerge()
+        # failed (index_put of fp32 values into an fp64 weight).
+        out = super()._apply(fn, recurse)
+
+        def conv(t: object) -> object:
+            return fn(t) if isinstance(t, Tensor) else t
+
+        if self._restore is not None:
+            self._restore = tuple(conv(t) for t in self._restore)
+        if getattr(self, "_merged_adapter", None) is not None:
+            A, B, s = self._merged_adapter
+            self._merged_adapter = (conv(A), conv(B), s)
+        return out
+
     def train(self, mode: bool = True) -> FusedLoRALinear:
+        # nn.Module.train refuses a non-bool mode, but only after this override would have
+        # unmerged: check first so that a refused call changes nothing.
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
         # Training updates A and B, which would silently diverge from a merged W0: unmerge first.
         if mode and self.merged:
             self.unmerge()
         return super().train(mode)
+
+    # ---------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            # On CPU whatever the layer's device (a meta flag could not be read back).
+            destination[prefix + MERGED_KEY] = torch.tensor(True, device="cpu")
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+        missing_keys: list, unexpected_keys: list, error_msgs: list,
+    ) -> None:
+        # Loading goes to W0, never on top of a merged weight: a merged layer is unmerged
+        # here, before anything (its children lora_A / lora_B included) is loaded, and the
+        # post-load hook merges again with whatever was loaded.
+        key = prefix + MERGED_KEY
+        flag = state_dict.get(key)
+        src_merged = False
+        if flag is not None:
+            if not isinstance(flag, Tensor) or flag.numel() != 1 or flag.device.type == "meta":
+                error_msgs.append(f"{key} must be a 1-element tensor with data, got {flag!r:.60}")
+            else:
+                src_merged = bool(flag.item())
+        has_weight = prefix + "weight" in state_dict
+        has_adapter = all(prefix + k in state_dict for k in ("lora_A.weight", "lora_B.weight"))
+        if src_merged and has_weight and not has_adapter:
+            # W0 + s B A without its B and A: W0 cannot be recovered, and using this layer's
+            # own adapter would be wrong. Refuse before anything is loaded.
+            error_msgs.append(
+                f"{prefix}weight is a merged weight ({key}) but {prefix}lora_A.weight / "
+                f"{prefix}lora_B.weight are missing: load the full state dict of the merged layer, "
+                "or unmerge it before saving"
+            )
+            return
+        was_merged, exact = self.merged, self._restore is not None
+        if was_merged:
+            self.unmerge()
+        self._pending_load = (was_merged, exact, src_merged and has_weight)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def extra_repr(self) -> str:
         return (
@@ -252,6 +452,26 @@ class FusedLoRALinear(nn.Module):
             f"bias={self.bias is not None}, use_rslora={self.use_rslora}, backend={self.backend!r}, "
             f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )
+
+
+@torch.no_grad()
+def _after_load_state_dict(layer: nn.Module, incompatible_keys: object) -> None:
+    # getattr: layers pickled before this attribute existed load without it.
+    pending, layer._pending_load = getattr(layer, "_pending_load", None), None
+    if pending is None:
+        return
+    was_merged, exact, src_merged = pending
+    if src_merged:
+        # The loaded weight is W0 + s B A of the loaded adapter: the layer is merged, exactly
+        # as saved (no exact-unmerge record travels: unmerge() is within one rounding).
+        layer.merged, layer._restore = True, None
+        layer._merged_adapter = (
+            layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(), layer.scaling
+        )
+        if layer.training:
+            layer.unmerge()  # a training layer must not be merged (no LoRA gradients)
+    elif was_merged:
+        layer._merge(exact)
 
 
 class MultiLoRALinear(nn.Module):
@@ -293,6 +513,8 @@ class MultiLoRALinear(nn.Module):
         for name, v in (("n_slots", n_slots), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        _check_bool("trainable", trainable)
+        _check_float_dtype("adapter_dtype", adapter_dtype)
         backends.check_name("multi_lora_linear", backend)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.n_slots, self.max_rank, self.backend = n_slots, max_rank, backend
@@ -313,6 +535,21 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(n_slots, device=dev, dtype=torch.int64))
         # Ids used when forward() gets none (set by model-level helpers for a whole model).
         self.default_adapter_ids: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Base as nn.Linear initializes it, every slot empty (rank 0, zero weights). For
+        meta-device construction: ``to_empty(device=...)`` leaves the buffers uninitialized
+        (``ranks`` could hold any int64), and meta-init frameworks then call this. Loading a
+        state dict instead (``load_state_dict``, ``assign=True`` included) needs no reset."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+        self.scales.zero_()
+        self.ranks.zero_()
 
     def _check_slot(self, slot: int) -> int:
         if not isinstance(slot, int) or isinstance(slot, bool) or not (0 <= slot < self.n_slots):
@@ -338,10 +575,20 @@ class MultiLoRALinear(nn.Module):
                 f"lora_B must be [out_features={self.out_features}, r={r}], got {tuple(lora_B.shape)}"
             )
         scale = _check_scalar("scale", scale)
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :r].copy_(lora_A)
-        self.lora_B[slot, :, :r].copy_(lora_B)
+        bank_meta = self.lora_A.device.type == "meta"
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if t.device.type == "meta" and not bank_meta:
+                raise ValueError(f"{name} is on the meta device (shape only, no data): load real "
+                                 "weights, e.g. after to_empty() / from a checkpoint")
+        # All-or-nothing: the padded slot is built in temporaries first (a failing copy, say a
+        # device or dtype the bank cannot take, raises here and leaves the slot as it was),
+        # then committed with copies between tensors of the bank's own device and dtype.
+        new_A = torch.zeros_like(self.lora_A[slot])
+        new_B = torch.zeros_like(self.lora_B[slot])
+        new_A[:r].copy_(lora_A)
+        new_B[:, :r].copy_(lora_B)
+        self.lora_A[slot].copy_(new_A)
+        self.lora_B[slot].copy_(new_B)
         self.scales[slot] = scale
         self.ranks[slot] = r
 

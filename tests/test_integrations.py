@@ -767,3 +767,26 @@ def test_load_peft_adapters_multi_refusals_and_compile(tmp_path):
         want = model(ids).logits
         got = compiled(ids).logits
     torch.testing.assert_close(got, want)
+
+
+@needs_hf
+def test_load_peft_adapters_multi_banks_in_model_dtype(tmp_path):
+    """Serving banks take the base model's dtype (bf16 here: half the bytes a decode step reads
+    from fp32 banks), fp32 only with adapter_dtype=torch.float32; both stay close to PEFT's
+    fp32 outputs (bf16 rounding). A non-dtype adapter_dtype is a TypeError naming it."""
+    base = tiny_llama(layers=1)
+    paths, peft_models = _two_adapters(tmp_path, base)
+    ids = tokens(2, 5)
+    with torch.no_grad():
+        want = torch.cat([peft_models["alpha"](ids[:1]).logits, peft_models["beta"](ids[1:]).logits])
+    for dtype, kw in ((torch.bfloat16, {}), (torch.float32, {"adapter_dtype": torch.float32})):
+        model = copy.deepcopy(base).to(torch.bfloat16)
+        fused_lora.load_peft_adapters_multi(model, paths, backend="torch", **kw)
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.weight.dtype == torch.bfloat16
+        assert q.lora_A.dtype == dtype and q.lora_B.dtype == dtype, kw
+        with torch.no_grad(), fused_lora.adapter_ids(model, ["alpha", "beta"]):
+            got = model(ids).logits.float()
+        assert (got - want).abs().max().item() < 0.1, kw
+    with pytest.raises(TypeError, match="adapter_dtype"):
+        fused_lora.load_peft_adapters_multi(copy.deepcopy(base), paths, adapter_dtype="float32")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_lora.integrations.inject import _set_submodule
-from fused_lora.integrations.peft_io import _adapter_dtype_for, _adapter_load_plan, _AdapterLoad
+from fused_lora.integrations.peft_io import _adapter_load_plan, _AdapterLoad
 
 _SLOT_MAP_ATTR = "fused_lora_adapter_slots"
 
@@ -45,7 +45,7 @@ def load_peft_adapters_multi(
     n_slots: Optional[int] = None,
     max_rank: Optional[int] = None,
     backend: str = "auto",
-    autocast_adapter_dtype: bool = True,
+    adapter_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, int]:
     """Load several PEFT LoRA adapter folders into :class:`~fused_lora.MultiLoRALinear` banks over
     one shared base model, for mixed-adapter batches (each sequence or token picks its adapter).
@@ -63,7 +63,12 @@ def load_peft_adapters_multi(
             ``MultiLoRALinear.load_adapter`` later).
         max_rank: bank rank (default: the largest rank any adapter uses at that module).
         backend: kernel backend of the banks.
-        autocast_adapter_dtype: fp32 banks on fp16/bf16 bases, as PEFT keeps adapters.
+        adapter_dtype: dtype of the banks. Default (None): each base layer's weight dtype, as
+            vLLM casts adapters to the model dtype. A decode step is bandwidth-bound and reads
+            every bank slot it routes to: fp32 banks on a bf16 model double those bytes (one rank-16
+            slot over a 4096x4096 layer is 256 KiB in bf16, 512 KiB in fp32) for accuracy that
+            the bf16 base output rounds away. Pass torch.float32 for PEFT's fp32 adapters
+            (``load_peft_adapter`` keeps that default, for training).
 
     Returns:
         {adapter name: slot}; also stored on ``model.fused_lora_adapter_slots``.
@@ -87,6 +92,10 @@ def load_peft_adapters_multi(
         )
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
         raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
+    if adapter_dtype is not None and not (
+        isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point
+    ):
+        raise TypeError(f"adapter_dtype must be None or a floating torch.dtype, got {adapter_dtype!r}")
 
     # Parse and check every folder before touching the model.
     loaded: Dict[str, _AdapterLoad] = {
@@ -108,7 +117,7 @@ def load_peft_adapters_multi(
         base = model.get_submodule(name)
         bank = MultiLoRALinear(
             base, n, max_rank or modules[name], trainable=False, backend=backend,
-            adapter_dtype=_adapter_dtype_for(base, autocast_adapter_dtype),
+            adapter_dtype=adapter_dtype,  # None: the base weight's dtype
         )
         for an, plan in loaded.items():
             if name in plan.modules:

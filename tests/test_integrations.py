@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import types
 
 import pytest
@@ -433,8 +434,17 @@ def test_load_refuses_unsupported_adapters(tmp_path):
 
     # A checkpoint whose modules the model lacks (wrong base model).
     path = _save_peft(tmp_path, base, LoraConfig(r=2, target_modules=["q_proj"]), "ok")
-    with pytest.raises(ValueError, match="no such module"):
+    with pytest.raises(ValueError, match="not found in the base model"):
         fused_lora.load_peft_adapter(tiny_gpt2(), path)
+    # Config target names that exist, but checkpoint modules that do not.
+    edited = str(tmp_path / "edited")
+    shutil.copytree(path, edited)
+    cfg_file = os.path.join(edited, "adapter_config.json")
+    cfg = json.loads(open(cfg_file).read())
+    cfg["target_modules"] = ["c_attn"]
+    open(cfg_file, "w").write(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no such module"):
+        fused_lora.load_peft_adapter(tiny_gpt2(), edited)
     with pytest.raises(ValueError, match="adapter_config.json"):
         fused_lora.load_peft_adapter(copy.deepcopy(base), str(tmp_path))
     with pytest.raises(ValueError, match="PeftModel"):
@@ -476,7 +486,7 @@ def test_inject_refuses_bad_targets_and_args():
         with pytest.raises(ValueError, match=msg):
             fused_lora.inject_lora(model, [target])
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match="not found in the base model"):
         fused_lora.inject_lora(model, ["nope"])
     with pytest.raises(TypeError, match="target_modules"):
         fused_lora.inject_lora(model, [])

@@ -7,6 +7,7 @@ which shares the frozen base parameters; :func:`lora_state_dict`, :func:`merge_l
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
@@ -19,6 +20,7 @@ from fused_lora.integrations.matching import (
     _check_rank_alpha,
     _check_targets,
     _is_conv1d,
+    _missing_targets,
     _pattern_value,
 )
 from fused_lora.modules import FusedLoRALinear
@@ -35,6 +37,50 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+class _Transaction:
+    """Undo record of a change to several modules of ``model``: the submodules replaced, every
+    parameter's requires_grad, tensors and attributes changed in place. A load checks all it
+    can first; this makes the rest (a layer constructor refusing, an unmerge, an out-of-memory
+    halfway through a model) leave the model exactly as it was too."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._undo: List[Any] = []  # closures, run in reverse order
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        old = self.model.get_submodule(name)
+        _set_submodule(self.model, name, new)
+        self._undo.append(lambda: _set_submodule(self.model, name, old))
+
+    def save_tensor(self, t: Tensor) -> None:
+        """Call before changing ``t`` in place."""
+        saved = t.detach().clone()
+        self._undo.append(lambda: t.data.copy_(saved))
+
+    def set_attr(self, obj: object, attr: str, value: Any) -> None:
+        old = getattr(obj, attr)
+        setattr(obj, attr, value)
+        self._undo.append(lambda: setattr(obj, attr, old))
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for undo in reversed(self._undo):
+                undo()
+        for p, rg in self._flags:
+            p.requires_grad_(rg)
+
+
+@contextlib.contextmanager
+def _transaction(model: nn.Module) -> Iterator[_Transaction]:
+    tx = _Transaction(model)
+    try:
+        yield tx
+    except BaseException:
+        tx.rollback()
+        raise
 
 
 
@@ -110,6 +156,12 @@ def inject_lora(
     if not (0.0 <= float(lora_dropout) < 1.0):
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
 
+    missing = _missing_targets(model, targets)
+    if missing:
+        raise ValueError(
+            f"target_modules {missing} not found in the base model ({type(model).__name__}): no "
+            "module is named so or ends with '.' + name (PEFT's rule); please check the target modules"
+        )
     names = _candidates(model, targets, exclude)
     if not names:
         raise ValueError(
@@ -126,12 +178,13 @@ def inject_lora(
         _check_rank_alpha(r_i, a_i, f" (module {name!r} via rank_pattern/alpha_pattern)")
         modules[name] = (m, r_i, a_i)
 
-    for name, (m, r_i, a_i) in modules.items():
-        kw = dict(r=r_i, lora_alpha=a_i, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                  backend=backend, adapter_dtype=adapter_dtype)
-        fused = _wrap(m, **kw)
-        fused.train(m.training)
-        _set_submodule(model, name, fused)
+    with _transaction(model) as tx:
+        for name, (m, r_i, a_i) in modules.items():
+            kw = dict(r=r_i, lora_alpha=a_i, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                      backend=backend, adapter_dtype=adapter_dtype)
+            fused = _wrap(m, **kw)
+            fused.train(m.training)
+            tx.replace(name, fused)
 
     if freeze_base:
         for p in model.parameters():

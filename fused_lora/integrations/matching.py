@@ -154,3 +154,15 @@ def _check_rank_alpha(r: object, lora_alpha: object, where: str) -> None:
         raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}{where}")
 
 
+
+
+def _missing_targets(model: nn.Module, targets: TargetModules) -> List[str]:
+    """Entries of a target list that match no module of ``model`` at all (PEFT refuses a list
+    that matches nothing: "Target modules ... not found in the base model"; one typo among good
+    names would otherwise silently give fewer adapters). A regex string must match a module."""
+    if targets == "all-linear":
+        return []
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]

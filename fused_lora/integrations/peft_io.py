@@ -22,105 +22,94 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fused_lora.integrations import features
 from fused_lora.integrations.inject import (
     _PEFT_PREFIX,
     _fused_layers,
-    _set_submodule,
+    _transaction,
     _unwrap_peft,
     _wrap,
     lora_state_dict,
 )
-from fused_lora.integrations.matching import _check_base_module, _is_conv1d, _name_matches, _pattern_value
+from fused_lora.integrations.matching import (
+    _check_base_module,
+    _check_rank_alpha,
+    _is_conv1d,
+    _missing_targets,
+    _name_matches,
+    _pattern_value,
+)
+from fused_lora.modules import FusedLoRALinear
 
 _CONFIG_NAME = "adapter_config.json"
 _SAFETENSORS_NAME = "adapter_model.safetensors"
 _BIN_NAME = "adapter_model.bin"
 
-# LoraConfig fields whose non-default value means a feature fused_lora does not implement: loading
-# such an adapter as plain LoRA would compute something else, so it is refused.
-_UNSUPPORTED_CONFIG: Dict[str, str] = {
-    "use_dora": "DoRA (use_dora=True)",
-    "use_qalora": "QA-LoRA (use_qalora=True)",
-    "lora_bias": "lora_bias=True (a bias on lora_B)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "velora_config": "VeLoRA (velora_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-    "target_modules_bd_a": "BD-LoRA (target_modules_bd_a)",
-    "target_modules_bd_b": "BD-LoRA (target_modules_bd_b)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "trainable_token_indices": "trainable_token_indices (trainable token embeddings)",
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
-    "target_parameters": "target_parameters (LoRA on bare nn.Parameters, e.g. MoE experts)",
-    "layer_replication": "layer_replication",
-    "megatron_config": "Megatron tensor-parallel LoRA (megatron_config)",
-}
-
-
-def _refuse_config(cfg: Mapping[str, Any], where: str) -> None:
-    peft_type = cfg.get("peft_type", "LORA")
-    peft_type = str(getattr(peft_type, "value", peft_type)).upper()  # a PeftType enum when live
-    if peft_type != "LORA":
-        raise ValueError(
-            f"{where}: peft_type={peft_type!r} is not supported (fused_lora loads plain LoRA only; "
-            "LoHa, LoKr, IA3, AdaLoRA, ... are different adapters)"
-        )
-    for key, feature in _UNSUPPORTED_CONFIG.items():
-        v = cfg.get(key)
-        if v not in (None, False, [], {}, ()):
-            raise ValueError(f"{where}: {feature} is not supported by fused_lora")
-    bias = cfg.get("bias", "none")
-    if bias not in (None, "none"):
-        raise ValueError(f"{where}: bias={bias!r} (trained base biases) is not supported; only bias='none'")
-
-
 def _read_adapter_folder(path: Union[str, os.PathLike]) -> tuple:
-    """(config dict, {key: tensor}) from a PEFT save_pretrained folder."""
+    """(config dict, {key: tensor}) from a PEFT save_pretrained folder. A damaged file raises
+    ValueError naming the file and what is wrong (not the raw parser error)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"path must be a folder written by PEFT's save_pretrained, got {path!r}")
     cfg_file = os.path.join(path, _CONFIG_NAME)
     if not os.path.isfile(cfg_file):
         raise ValueError(f"no {_CONFIG_NAME} in {path!r}: not a PEFT adapter folder")
-    with open(cfg_file) as f:
-        cfg = json.load(f)
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{cfg_file}: not valid JSON ({e}); the adapter config is damaged") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"{cfg_file}: must hold a JSON object (PEFT's LoraConfig), got a JSON {type(cfg).__name__}"
+        )
     st, bn = os.path.join(path, _SAFETENSORS_NAME), os.path.join(path, _BIN_NAME)
     if os.path.isfile(st):
         from safetensors.torch import load_file
 
-        sd = load_file(st)
+        weights, kind = st, "safetensors"
+        load = lambda: load_file(st)  # noqa: E731
     elif os.path.isfile(bn):
-        sd = torch.load(bn, map_location="cpu", weights_only=True)
+        weights, kind = bn, "PyTorch (torch.save)"
+        load = lambda: torch.load(bn, map_location="cpu", weights_only=True)  # noqa: E731
     else:
         raise ValueError(f"no {_SAFETENSORS_NAME} or {_BIN_NAME} in {path!r}")
+    try:
+        sd = load()
+    except Exception as e:  # SafetensorError, PytorchStreamReader's RuntimeError, UnpicklingError, ...
+        raise ValueError(
+            f"{weights}: not a readable {kind} file, it may be truncated or corrupt "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    if not isinstance(sd, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()
+    ):
+        raise ValueError(f"{weights}: must hold a {{name: tensor}} state dict, got {type(sd).__name__} "
+                         "with non-tensor entries")
     return cfg, sd
 
 
 def _parse_peft_state(sd: Mapping[str, Tensor], where: str) -> Dict[str, Dict[str, Tensor]]:
     """{module name: {"A": [r, in], "B": [out, r]}} from PEFT's keys; refuses keys of features
-    that plain LoRA does not have."""
+    that plain LoRA does not have (the feature table's key patterns)."""
     mods: Dict[str, Dict[str, Tensor]] = {}
     # Name the feature first: its checkpoints also hold other keys (e.g. saved embedding layers).
-    for key in sd:
-        if "lora_magnitude_vector" in key:
-            raise ValueError(f"{where}: key {key!r} is a DoRA magnitude vector; DoRA is not supported")
-        if "lora_embedding_" in key:
-            raise ValueError(f"{where}: key {key!r} is an embedding LoRA; embedding LoRA is not supported")
+    features.refuse_keys(sd, where)
     for key, t in sd.items():
         k = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.(weight|bias)", k)
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", k)
         if m is None:
             raise ValueError(
                 f"{where}: unexpected key {key!r} (not a LoRA lora_A/lora_B weight); fused_lora "
-                "loads plain LoRA adapters without modules_to_save or trained biases"
+                "loads plain LoRA adapters"
             )
-        if m.group(3) == "bias":
-            raise ValueError(f"{where}: key {key!r} is a lora_B bias; lora_bias is not supported")
         if t.dim() != 2:
             raise ValueError(
                 f"{where}: {key!r} has shape {tuple(t.shape)}; conv LoRA (non-2-D lora weights) "
                 "is not supported"
             )
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: {key!r} has dtype {t.dtype}; LoRA weights are floating point")
         mods.setdefault(m.group(1), {})[m.group(2)] = t
     for name, ab in mods.items():
         if set(ab) != {"A", "B"}:
@@ -142,12 +131,11 @@ def _adapter_dtype_for(m: nn.Module, autocast_adapter_dtype: bool) -> Optional[t
     return None
 
 
-
 @dataclass
 class _ModuleLoad:
     """One module's share of an adapter: where it goes and what it gets."""
 
-    module: nn.Module  # the base nn.Linear / Conv1D in the model
+    module: nn.Module  # the base nn.Linear / Conv1D in the model, or its FusedLoRALinear
     A: Tensor  # [r, in]
     B: Tensor  # [out, r]
     r: int
@@ -164,21 +152,40 @@ class _AdapterLoad:
     dropout: float
     modules: Dict[str, _ModuleLoad] = field(default_factory=dict)  # qualified name -> load
 
+    @property
+    def frozen_lora_B(self) -> bool:
+        # MiCA trains lora_A only (PEFT freezes lora_B); its forward is plain LoRA.
+        init = self.config.get("init_lora_weights")
+        return isinstance(init, str) and init.lower() == "mica"
+
     def scale(self, name: str) -> float:
         m = self.modules[name]
         return m.alpha / (math.sqrt(m.r) if self.use_rslora else m.r)
 
 
 def _adapter_load_plan(
-    model: nn.Module, path: Union[str, os.PathLike], where: str, *, linear_only: bool = False
+    model: nn.Module, path: Union[str, os.PathLike], where: str, *, into_fused: bool = False,
+    linear_only: bool = False,
 ) -> _AdapterLoad:
-    """Read the adapter folder at ``path``, refuse what fused_lora cannot load, and match each
-    module that has weights in the checkpoint to the model's base layer, checking ranks against
-    ``r`` / ``rank_pattern`` and shapes against the base. ``linear_only`` refuses Conv1D bases
-    (MultiLoRALinear banks take nn.Linear only). Touches nothing in ``model``."""
+    """Read the adapter folder at ``path``, refuse what fused_lora cannot load (the feature
+    table, config values), and match each module that has weights in the checkpoint to the
+    model's base layer, checking ranks against ``r`` / ``rank_pattern`` and shapes against the
+    base. ``into_fused``: a module that already is a FusedLoRALinear (inject_lora) takes the
+    weights if its rank matches, and every such layer must get weights. ``linear_only``
+    refuses Conv1D bases (MultiLoRALinear banks take nn.Linear only). Touches nothing in
+    ``model``: a refusal leaves it as it was."""
     cfg, sd = _read_adapter_folder(path)
-    _refuse_config(cfg, where)
+    features.refuse_config(cfg, where)
+    features.check_config_values(cfg, where)
     mods = _parse_peft_state(sd, where)
+    targets = cfg.get("target_modules")
+    if targets is not None:
+        missing = _missing_targets(model, targets if isinstance(targets, str) else list(targets))
+        if missing:
+            raise ValueError(
+                f"{where}: config key 'target_modules' lists {missing} not found in the base model "
+                f"({type(model).__name__}); is this the adapter's base model?"
+            )
     r0, a0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
@@ -192,27 +199,49 @@ def _adapter_load_plan(
                 f"{where}: the checkpoint has LoRA weights for {name!r} but the model has no such "
                 "module (is this the adapter's base model?)"
             ) from None
-        _check_base_module(name, m)
+        r = ab["A"].shape[0]
+        if into_fused and isinstance(m, FusedLoRALinear):
+            if m.merged:
+                raise ValueError(f"{where}: module {name!r} is merged; unmerge_lora(model) before loading")
+            if m.r != r:
+                raise ValueError(
+                    f"{where}: module {name!r} already has a fused LoRA adapter of rank {m.r} (from "
+                    f"inject_lora) but the checkpoint's is rank {r}; inject with the adapter's rank, "
+                    "or load into the base model"
+                )
+        else:
+            _check_base_module(name, m)
         if linear_only and _is_conv1d(m):
             raise ValueError(
                 f"{where}: module {name!r} is a transformers Conv1D; MultiLoRALinear banks take "
                 "nn.Linear bases only"
             )
-        r = ab["A"].shape[0]
         r_cfg = _pattern_value(rank_pattern, name, r0)
         if r != r_cfg:
             raise ValueError(
                 f"{where}: module {name!r} has rank {r} in the weights but {r_cfg} in the config"
             )
         alpha = _pattern_value(alpha_pattern, name, a0)
-        in_f, out_f = m.weight.shape if _is_conv1d(m) else m.weight.shape[::-1]
+        if isinstance(m, FusedLoRALinear):
+            in_f, out_f = m.in_features, m.out_features
+        else:
+            in_f, out_f = m.weight.shape if _is_conv1d(m) else m.weight.shape[::-1]
         if ab["A"].shape[1] != in_f or ab["B"].shape[0] != out_f:
             raise ValueError(
                 f"{where}: module {name!r} is [{out_f} out, {in_f} in] but lora_A is "
                 f"{tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)}"
             )
         out.modules[name] = _ModuleLoad(m, ab["A"], ab["B"], r, alpha)
+    if into_fused:
+        uncovered = [n for n, _ in _fused_layers(model) if n not in out.modules]
+        if uncovered:
+            raise ValueError(
+                f"{where}: module {uncovered[0]!r} has a fused LoRA adapter (inject_lora) but the "
+                f"checkpoint has no weights for it ({len(uncovered)} such modules); inject only the "
+                "adapter's target modules, or load into the base model"
+            )
     return out
+
 
 def load_peft_adapter(
     model: nn.Module,
@@ -233,41 +262,59 @@ def load_peft_adapter(
     config. Conv1D bases are fan_in_fan_out as in PEFT. Outputs equal
     ``PeftModel.from_pretrained(model, path)``'s (dropout masks aside).
 
+    A model that :func:`inject_lora` already gave FusedLoRALinear layers takes the weights into
+    those layers (each must be in the checkpoint, with the same rank; its alpha, rsLoRA and
+    dropout become the adapter's; its backend and adapter dtype stay). Either everything loads
+    or, on any error, the model is left exactly as it was.
+
     Args:
-        model: the base model the adapter was trained on (not a PeftModel).
+        model: the base model the adapter was trained on (not a PeftModel), plain or injected.
         path: the adapter folder (local; nothing is downloaded).
         backend: kernel backend of the injected layers.
-        is_trainable: leave the LoRA weights trainable (requires_grad=True). The default False
-            freezes every parameter, as ``PeftModel.from_pretrained``'s default; the model's
-            train/eval mode is left as it was.
+        is_trainable: leave the LoRA weights trainable (requires_grad=True; MiCA adapters keep
+            lora_B frozen, as PEFT). The default False freezes every parameter, as
+            ``PeftModel.from_pretrained``'s default; the model's train/eval mode is left as it was.
         autocast_adapter_dtype: fp32 adapters on fp16/bf16 bases, as PEFT's default.
 
     Raises:
-        ValueError: unsupported adapter features (DoRA, LoHa/LoKr/other peft types, lora_bias,
-            embedding/conv LoRA, modules_to_save, trained biases, ...), a module named in the
-            checkpoint that the model lacks or that cannot be wrapped, or shapes that disagree.
+        ValueError: a feature fused_lora does not compute (see
+            :mod:`fused_lora.integrations.features`: DoRA, KaSA, LoHa/LoKr/other peft types,
+            lora_bias, base-modifying inits such as PiSSA / OLoRA, embedding/conv/MHA LoRA,
+            modules_to_save, ...), a damaged file, a bad config value, a target or checkpoint
+            module the model lacks or that cannot be wrapped, or shapes / ranks that disagree.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if hasattr(model, "peft_config"):
         raise ValueError("model is a PeftModel: pass the base model, or use from_peft() to convert it")
-    plan = _adapter_load_plan(model, path, f"PEFT adapter {os.fspath(path)!r}")
-    for name, ml in plan.modules.items():
-        m = ml.module
-        kw = dict(r=ml.r, lora_alpha=ml.alpha, lora_dropout=plan.dropout, use_rslora=plan.use_rslora,
-                  backend=backend, adapter_dtype=_adapter_dtype_for(m, autocast_adapter_dtype))
-        fused = _wrap(m, **kw)
-        with torch.no_grad():
-            fused.lora_A.weight.copy_(ml.A)
-            fused.lora_B.weight.copy_(ml.B)
-        fused.train(m.training)
-        _set_submodule(model, name, fused)
+    plan = _adapter_load_plan(model, path, f"PEFT adapter {os.fspath(path)!r}", into_fused=True)
+    with _transaction(model) as tx:
+        for name, ml in plan.modules.items():
+            m = ml.module
+            if isinstance(m, FusedLoRALinear):  # injected: load into it
+                fused = m
+                for attr, v in (("lora_alpha", ml.alpha), ("use_rslora", plan.use_rslora),
+                                ("lora_dropout", plan.dropout)):
+                    tx.set_attr(m, attr, v)
+                for t in (m.lora_A.weight, m.lora_B.weight):
+                    tx.save_tensor(t)
+            else:
+                kw = dict(r=ml.r, lora_alpha=ml.alpha, lora_dropout=plan.dropout,
+                          use_rslora=plan.use_rslora, backend=backend,
+                          adapter_dtype=_adapter_dtype_for(m, autocast_adapter_dtype))
+                fused = _wrap(m, **kw)
+                fused.train(m.training)
+            with torch.no_grad():
+                fused.lora_A.weight.copy_(ml.A)
+                fused.lora_B.weight.copy_(ml.B)
+            if fused is not m:
+                tx.replace(name, fused)
     for p in model.parameters():
         p.requires_grad_(False)
     if is_trainable:
         for _, m in _fused_layers(model):
             m.lora_A.weight.requires_grad_(True)
-            m.lora_B.weight.requires_grad_(True)
+            m.lora_B.weight.requires_grad_(not plan.frozen_lora_B)
     return model
 
 
@@ -362,11 +409,15 @@ def from_peft(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     Returns ``peft_model``; its forward and outputs are unchanged (dropout masks aside). PEFT's
     own layer methods (merge_and_unload, disable_adapter, set_adapter, save_pretrained) do not
     know the fused layers: use :func:`merge_lora`, :func:`save_peft_adapter` and friends.
+    Models built with a base-modifying init (PiSSA, OLoRA, ...) convert as they are: PEFT has
+    already rewritten their base weights. MiCA converts too (plain LoRA forward, lora_B stays
+    frozen). Every layer is checked before any is converted: on an error nothing has changed.
 
     Raises:
-        ValueError: more than one active adapter, disabled adapters, DoRA or another LoRA variant,
-            lora_bias, embedding/conv LoRA layers, quantized bases (bnb, GPTQ, ...), or
-            non-LoRA PEFT tuners.
+        ValueError: more than one active adapter, disabled adapters, a feature of
+            :mod:`fused_lora.integrations.features` (DoRA, KaSA, lora_bias, embedding / conv /
+            MultiheadAttention LoRA, ...), a bad rank / alpha / scaling, quantized bases (bnb,
+            GPTQ, ...), or non-LoRA PEFT tuners.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -378,7 +429,8 @@ def from_peft(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
     cfgs = getattr(peft_model, "peft_config", None)
     if isinstance(cfgs, Mapping):
         for an, c in cfgs.items():
-            _refuse_config(c.to_dict() if hasattr(c, "to_dict") else vars(c), f"adapter {an!r}")
+            features.refuse_config(c.to_dict() if hasattr(c, "to_dict") else vars(c), f"adapter {an!r}",
+                                   live=True)
 
     todo = []
     for name, m in peft_model.named_modules():
@@ -390,8 +442,9 @@ def from_peft(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
             )
         kind = type(m).__name__
         if kind != "Linear" or not hasattr(m, "lora_A"):
-            raise ValueError(f"module {name!r} is a PEFT LoRA {kind}: only LoRA Linear layers are supported "
-                             "(embedding / conv / MHA / ParamWrapper LoRA are not)")
+            feature = features.LAYER_FEATURES.get(kind, f"LoRA on {kind}")
+            raise ValueError(f"{feature} is not supported by fused_lora (module {name!r} is a PEFT "
+                             f"LoRA {kind}; only LoRA Linear layers are converted)")
         active = list(m.active_adapters)
         if len(active) != 1:
             raise ValueError(
@@ -404,41 +457,52 @@ def from_peft(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
         if a not in m.lora_A:
             raise ValueError(f"module {name!r} has no LoRA weights for active adapter {a!r}")
         if getattr(m, "use_dora", {}).get(a, False):
-            raise ValueError(f"module {name!r}: DoRA (use_dora) is not supported")
-        if getattr(m, "lora_variant", {}).get(a) is not None:
-            variant = type(m.lora_variant[a]).__name__
-            raise ValueError(f"module {name!r}: LoRA variant {variant} is not supported")
+            raise ValueError(f"module {name!r}: DoRA (use_dora=True) is not supported by fused_lora")
+        variant = getattr(m, "lora_variant", {}).get(a)
+        if variant is not None and features.variant_refusal(variant) is not None:
+            raise ValueError(f"module {name!r}: {features.variant_refusal(variant)}")
         if getattr(m, "lora_bias", {}).get(a, False):
-            raise ValueError(f"module {name!r}: lora_bias is not supported")
+            raise ValueError(f"module {name!r}: lora_bias=True (a bias on lora_B) is not supported by "
+                             "fused_lora")
         extra = [k for k in m.lora_A if k != a]
         base = m.get_base_layer()
         _check_base_module(name + ".base_layer", base)
-        todo.append((name, m, a, base, extra))
-    if not todo:
-        raise ValueError("peft_model has no PEFT LoRA layers to convert")
-
-    for name, m, a, base, extra in todo:
-        if extra:
-            warnings.warn(f"from_peft: module {name!r} drops inactive adapters {extra}", stacklevel=2)
-        if m.merged:
-            m.unmerge()
-        r, alpha = int(m.r[a]), m.lora_alpha[a]
+        r, alpha = m.r[a], m.lora_alpha[a]
         rs_map = getattr(m, "use_rslora", None)  # a per-adapter dict in PEFT >= 0.13
         rs = bool(rs_map.get(a, False)) if isinstance(rs_map, Mapping) else False
         scale = m.scaling[a]
         scale = float(scale.item() if isinstance(scale, Tensor) else scale)
+        where = f" (module {name!r}, adapter {a!r})"
+        _check_rank_alpha(r, alpha, where)
+        if not math.isfinite(scale):
+            raise ValueError(f"scaling must be a finite number, got {scale!r}{where}")
+        if r != m.lora_A[a].weight.shape[0]:
+            raise ValueError(f"r={r} but lora_A has shape {tuple(m.lora_A[a].weight.shape)}{where}")
         # set_scale / scale_layer may have changed scaling since init: keep the live value.
         if not math.isclose(scale, alpha / (math.sqrt(r) if rs else r), rel_tol=1e-6):
             alpha = scale * (math.sqrt(r) if rs else r)
         drop = m.lora_dropout[a]
         p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
-        A, B = m.lora_A[a], m.lora_B[a]
-        fused = _wrap(base, r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=rs, backend=backend,
-                      adapter_dtype=A.weight.dtype)
-        # Keep PEFT's own lora_A / lora_B modules (same Parameters) rather than copies.
-        fused.lora_A, fused.lora_B = A, B
-        fused.train(m.training)
-        _set_submodule(peft_model, name, fused)
+        todo.append((name, m, a, base, extra, r, alpha, rs, p))
+    if not todo:
+        raise ValueError("peft_model has no PEFT LoRA layers to convert")
+
+    # Everything is checked: from here on only an unexpected failure can stop the conversion, and
+    # the transaction then puts back the PEFT layers and their (re-merged) weights.
+    with _transaction(peft_model) as tx:
+        for name, m, a, base, _extra, r, alpha, rs, p in todo:
+            if m.merged:
+                tx.save_tensor(base.weight)  # unmerge subtracts the delta in place
+                tx.set_attr(m, "merged_adapters", list(m.merged_adapters))
+                m.unmerge()
+            A, B = m.lora_A[a], m.lora_B[a]
+            fused = _wrap(base, r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=rs, backend=backend,
+                          adapter_dtype=A.weight.dtype)
+            # Keep PEFT's own lora_A / lora_B modules (same Parameters) rather than copies.
+            fused.lora_A, fused.lora_B = A, B
+            fused.train(m.training)
+            tx.replace(name, fused)
+    for name, _m, _a, _b, extra, *_ in todo:
+        if extra:
+            warnings.warn(f"from_peft: module {name!r} drops inactive adapters {extra}", stacklevel=2)
     return peft_model
-
-

@@ -438,3 +438,60 @@ def test_load_into_injected_model_checks_ranks_and_coverage(tmp_path):
     ids = tokens()
     torch.testing.assert_close(model(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-5)
     assert not math.isnan(float(model(ids).logits.sum()))
+
+
+def test_failure_midway_through_apply_rolls_back(tmp_path, monkeypatch):
+    """An error no check foresees (here: the 3rd layer constructor raising, as an out-of-memory
+    would) after earlier modules were replaced, weights loaded into injected layers, or merged
+    PEFT layers unmerged: the transaction puts all of it back, bit for bit."""
+    from fused_lora.integrations import inject, live_peft, peft_io
+
+    real = inject._wrap
+    calls = {"n": 0}
+
+    def flaky(m, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(m, **kw)
+
+    base = tiny_llama(layers=2)
+    path, _ = _peft_folder(tmp_path, base, target_modules=LLAMA_TARGETS)
+    for mod in (inject, peft_io, live_peft):
+        monkeypatch.setattr(mod, "_wrap", flaky)
+    # Plain base: two modules replaced, then the failure.
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fused_lora.load_peft_adapter(model, path, backend="torch")
+    assert_unchanged(model, snap)
+    # Half-injected model: weights copied into the injected q/k/v layers, then a wrap fails.
+    model = copy.deepcopy(base)
+    monkeypatch.setattr(inject, "_wrap", real)
+    fused_lora.inject_lora(model, ["q_proj", "k_proj", "v_proj"], r=2, lora_alpha=5, backend="torch")
+    monkeypatch.setattr(inject, "_wrap", flaky)
+    randomize_lora(model)
+    snap = snapshot(model)
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="simulated"):
+        fused_lora.load_peft_adapter(model, path, backend="torch")
+    assert_unchanged(model, snap)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.lora_alpha == 5 and q.r == 2  # attributes put back too
+    # from_peft of a merged PeftModel: unmerged layers are merged again (weights bit-identical).
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=LLAMA_TARGETS))
+    randomize_lora(pm)
+    pm.base_model.merge_adapter()
+    snap = snapshot(pm)
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="simulated"):
+        fused_lora.from_peft(pm, backend="torch")
+    assert_unchanged(pm, snap)
+    assert all(m.merged for m in pm.modules() if hasattr(m, "merged_adapters"))
+    # inject_lora itself.
+    model = copy.deepcopy(base)
+    snap = snapshot(model)
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="simulated"):
+        fused_lora.inject_lora(model, LLAMA_TARGETS, backend="torch")
+    assert_unchanged(model, snap)

@@ -50,7 +50,10 @@ def _is_quantized(m: nn.Module) -> bool:
 def _check_base_module(name: str, m: nn.Module) -> None:
     """Raise ValueError when ``m`` (matched by the target patterns) cannot be wrapped."""
     if isinstance(m, FusedLoRALinear):
-        raise ValueError(f"module {name!r} already has a fused LoRA adapter (inject_lora ran twice?)")
+        raise ValueError(
+            f"module {name!r} already has a fused LoRA adapter (a FusedLoRALinear from inject_lora or "
+            "load_peft_adapter); target the plain base model"
+        )
     if _is_quantized(m):
         raise ValueError(
             f"module {name!r} is a quantized layer ({type(m).__module__}.{type(m).__name__}): "

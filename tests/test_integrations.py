@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import types
 
 import pytest
@@ -433,8 +434,17 @@ def test_load_refuses_unsupported_adapters(tmp_path):
 
     # A checkpoint whose modules the model lacks (wrong base model).
     path = _save_peft(tmp_path, base, LoraConfig(r=2, target_modules=["q_proj"]), "ok")
-    with pytest.raises(ValueError, match="no such module"):
+    with pytest.raises(ValueError, match="not found in the base model"):
         fused_lora.load_peft_adapter(tiny_gpt2(), path)
+    # Config target names that exist, but checkpoint modules that do not.
+    edited = str(tmp_path / "edited")
+    shutil.copytree(path, edited)
+    cfg_file = os.path.join(edited, "adapter_config.json")
+    cfg = json.loads(open(cfg_file).read())
+    cfg["target_modules"] = ["c_attn"]
+    open(cfg_file, "w").write(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no such module"):
+        fused_lora.load_peft_adapter(tiny_gpt2(), edited)
     with pytest.raises(ValueError, match="adapter_config.json"):
         fused_lora.load_peft_adapter(copy.deepcopy(base), str(tmp_path))
     with pytest.raises(ValueError, match="PeftModel"):
@@ -476,7 +486,7 @@ def test_inject_refuses_bad_targets_and_args():
         with pytest.raises(ValueError, match=msg):
             fused_lora.inject_lora(model, [target])
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match="not found in the base model"):
         fused_lora.inject_lora(model, ["nope"])
     with pytest.raises(TypeError, match="target_modules"):
         fused_lora.inject_lora(model, [])
@@ -767,3 +777,26 @@ def test_load_peft_adapters_multi_refusals_and_compile(tmp_path):
         want = model(ids).logits
         got = compiled(ids).logits
     torch.testing.assert_close(got, want)
+
+
+@needs_hf
+def test_load_peft_adapters_multi_banks_in_model_dtype(tmp_path):
+    """Serving banks take the base model's dtype (bf16 here: half the bytes a decode step reads
+    from fp32 banks), fp32 only with adapter_dtype=torch.float32; both stay close to PEFT's
+    fp32 outputs (bf16 rounding). A non-dtype adapter_dtype is a TypeError naming it."""
+    base = tiny_llama(layers=1)
+    paths, peft_models = _two_adapters(tmp_path, base)
+    ids = tokens(2, 5)
+    with torch.no_grad():
+        want = torch.cat([peft_models["alpha"](ids[:1]).logits, peft_models["beta"](ids[1:]).logits])
+    for dtype, kw in ((torch.bfloat16, {}), (torch.float32, {"adapter_dtype": torch.float32})):
+        model = copy.deepcopy(base).to(torch.bfloat16)
+        fused_lora.load_peft_adapters_multi(model, paths, backend="torch", **kw)
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.weight.dtype == torch.bfloat16
+        assert q.lora_A.dtype == dtype and q.lora_B.dtype == dtype, kw
+        with torch.no_grad(), fused_lora.adapter_ids(model, ["alpha", "beta"]):
+            got = model(ids).logits.float()
+        assert (got - want).abs().max().item() < 0.1, kw
+    with pytest.raises(TypeError, match="adapter_dtype"):
+        fused_lora.load_peft_adapters_multi(copy.deepcopy(base), paths, adapter_dtype="float32")

@@ -188,7 +188,8 @@ ext_modules, cmdclass, _info = _extensions()
 print(f"fused_lora build: {json.dumps(_info)}", file=sys.stderr)
 
 setup(
-    packages=["fused_lora", "fused_lora.kernels", "fused_lora.bench"],
+    packages=["fused_lora", "fused_lora.backends", "fused_lora.integrations", "fused_lora.kernels",
+              "fused_lora.bench"],
     package_dir={
         "fused_lora": "fused_lora",
         "fused_lora.kernels": "kernels",

@@ -177,7 +177,7 @@ class RoutingPlan:
         ids = adapter_ids.reshape(-1)
         M = ids.numel()
         S, T = sizes(M, n_slots, block_m)
-        data = torch.empty(3 * M + 3 * S + 3 * T, dtype=torch.int64, device=ids.device)
+        data = torch.zeros(3 * M + 3 * S + 3 * T, dtype=torch.int64, device=ids.device)
         plan = cls(data, M, n_slots, block_m, tuple(adapter_ids.shape))
         plan._compute(ids, validate)
         return plan

@@ -211,12 +211,27 @@ def lora_state_dict(model: nn.Module, peft_format: bool = False) -> Dict[str, Te
 
 def merge_lora(model: nn.Module, exact_unmerge: bool = True) -> List[str]:
     """Fold every adapter into its base weight (see :meth:`FusedLoRALinear.merge`); returns the
-    merged module names. Forward is then plain GEMMs."""
-    names = []
-    for name, m in _fused_layers(_unwrap_peft(model)):
+    merged module names. Forward is then plain GEMMs.
+
+    Every layer is checked before any is merged, so a refusal leaves the model as it was: the
+    model must be in eval mode (a merged layer has no LoRA gradients), and no merged weight may
+    be shared with another module (e.g. an lm_head tied to the embedding: merging would rewrite
+    both)."""
+    from fused_lora.modules import shared_weight_names
+
+    root = _unwrap_peft(model)
+    layers = list(_fused_layers(root))
+    for name, m in layers:
+        if m.training and not m.merged:
+            raise RuntimeError(f"merge_lora: module {name!r} is in train mode; call model.eval() first "
+                               "(merged layers give no LoRA gradients)")
+        tied = [] if m.merged else shared_weight_names(root, m)
+        if tied:
+            raise ValueError(f"merge_lora: the weight of {name!r} is shared with {tied}; merging would "
+                             "rewrite those too (untie them first)")
+    for _, m in layers:
         m.merge(exact_unmerge=exact_unmerge)
-        names.append(name)
-    return names
+    return [name for name, _ in layers]
 
 
 def unmerge_lora(model: nn.Module) -> List[str]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fused_lora.integrations.inject import _set_submodule
 from fused_lora.integrations.peft_io import _adapter_load_plan, _AdapterLoad
+from fused_lora.routing import BatchRouting
 
 _SLOT_MAP_ATTR = "fused_lora_adapter_slots"
 
@@ -25,6 +26,8 @@ def _expand_ids_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Optional[tupl
     (see :func:`adapter_ids`) reach every layer whatever the sequence length."""
     if len(args) != 1 or kwargs.get("adapter_ids") is not None or mod.default_adapter_ids is None:
         return None  # explicit ids win
+    if isinstance(mod.default_adapter_ids, BatchRouting):
+        return None  # MultiLoRALinear.forward takes the shared plan for x's shape
     x, ids = args[0], mod.default_adapter_ids
     lead = x.shape[:-1]
     if ids.shape == lead:
@@ -178,10 +181,16 @@ def adapter_ids(model: nn.Module, ids: Union[Tensor, Sequence[Union[int, str, No
     n = banks[0].n_slots
     if t.numel() and (int(t.min()) < -1 or int(t.max()) >= n):
         raise ValueError(f"ids must be in [-1, n_slots={n}), got values in [{int(t.min())}, {int(t.max())}]")
+    # One BatchRouting per bank size (normally one for the model): the first layer of a forward
+    # builds the routing plan for its input's shape and every other layer, and the backward,
+    # reuse it -- one sort per forward instead of one per layer.
+    routes: Dict[int, BatchRouting] = {}
     saved = [b.default_adapter_ids for b in banks]
     try:
         for b in banks:
-            b.default_adapter_ids = t
+            if b.n_slots not in routes:
+                routes[b.n_slots] = BatchRouting(t, b.n_slots, validate=False)  # checked above
+            b.default_adapter_ids = routes[b.n_slots]
         yield t
     finally:
         for b, old in zip(banks, saved):

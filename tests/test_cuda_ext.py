@@ -203,6 +203,107 @@ def test_multi_checks_name_the_argument():
         C.multi_lora_linear_fwd(x, w, b, a[0], bb, scales, ids, rk)
 
 
+def _routing(ids, n_slots):
+    """The routing plan's (order, keys) for ids: the stable argsort of key, key[t] = ids[t] if
+    0 <= ids[t] < n_slots else -1 (rows without an adapter first), and the sorted keys."""
+    key = torch.where((ids >= 0) & (ids < n_slots), ids, torch.full_like(ids, -1))
+    keys, order = torch.sort(key, stable=True)
+    return order, keys
+
+
+@pytest.mark.parametrize("M", [5, 150], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_multi_routing_matches_unplanned(M, dtype):
+    x, w, b, a, bb, scales, ids, rk = _multi_args(dtype=dtype, M=M, S=4)
+    order, keys = _routing(ids, 4)
+    y, xa = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk)
+    y_p, xa_p = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk, order, keys)
+    assert torch.equal(y, y_p) and torch.equal(xa, xa_p)
+    dy = torch.randn(M, w.shape[0]).to(dtype)
+    bargs = (dy, x, w, a, bb, scales, ids, rk, xa, True, True, True)
+    for g, g_p, name in zip(C.multi_lora_linear_bwd(*bargs),
+                            C.multi_lora_linear_bwd(*bargs, order, keys), ("dx", "dA", "dB")):
+        assert torch.equal(g, g_p), name
+    # The plan is what the op follows (trusted, not recomputed): one that routes every row to
+    # no adapter gives the base layer and zero adapter gradients.
+    none = torch.full_like(keys, -1)
+    y_n, xa_n = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk, order, none)
+    _close(y_n, reference.lora_linear_fwd(x, w, b, a[0], bb[0] * 0, 0.0, 0.0, 0)[0], "y")
+    assert not xa_n.any()
+    _, dA, dB = C.multi_lora_linear_bwd(*bargs, order, none)
+    assert not dA.any() and not dB.any()
+
+
+def test_multi_routing_checks_name_the_argument():
+    x, w, b, a, bb, scales, ids, rk = _multi_args(M=23)
+    order, keys = _routing(ids, 3)
+    fwd = (x, w, b, a, bb, scales, ids, rk)
+    _, xa = C.multi_lora_linear_fwd(*fwd)
+    bwd = (torch.randn(23, w.shape[0]), x, w, a, bb, scales, ids, rk, xa, True, True, True)
+    for op, args in ((C.multi_lora_linear_fwd, fwd), (C.multi_lora_linear_bwd, bwd)):
+        with pytest.raises(RuntimeError, match=r"order must be int64 \[M=23\], got Long \[22\]"):
+            op(*args, order[:22], keys)
+        with pytest.raises(RuntimeError, match=r"keys must be int64 \[M=23\], got Int"):
+            op(*args, order, keys.int())
+        with pytest.raises(RuntimeError, match="order and keys must be given together"):
+            op(*args, order, None)
+        with pytest.raises(RuntimeError, match="keys must be contiguous"):
+            op(*args, order, torch.stack([keys, keys], 1)[:, 0])
+
+
+GEMM_ERR = r"gemm must be 0 \(auto\), 1 \(mma\), 2 \(wgmma\) or 3 \(wgmma256\), got "
+
+
+def test_cpu_gemm_is_checked_and_ignored():
+    x, w, b, a, bb = _args()
+    y, xa = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3)
+    dy = torch.randn_like(y)
+    g = C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, True, True, True)
+    margs = _multi_args()
+    my, mxa = C.multi_lora_linear_fwd(*margs)
+    mx, mw, _, ma, mbb, msc, mids, mrk = margs
+    mdy = torch.randn_like(my)
+    mb = (mdy, mx, mw, ma, mbb, msc, mids, mrk, mxa, True, True, True)
+    mg = C.multi_lora_linear_bwd(*mb)
+    for gemm in (1, 2, 3):  # the CPU kernels have no GEMM variants: same results
+        assert torch.equal(C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3, gemm=gemm)[0], y)
+        assert all(map(torch.equal, C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, True, True,
+                                                      True, gemm=gemm), g))
+        assert torch.equal(C.multi_lora_linear_fwd(*margs, gemm=gemm)[0], my)
+        assert all(map(torch.equal, C.multi_lora_linear_bwd(*mb, gemm=gemm), mg))
+        assert torch.equal(_ext.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3, gemm=gemm)[0], y)
+    for bad in (4, -1):
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3, gemm=bad)
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, True, True, True, gemm=bad)
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            _ext.multi_lora_linear_fwd(*margs, gemm=bad)
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            _ext.multi_lora_linear_bwd(*mb, gemm=bad)
+
+
+@pytest.mark.skipif(_ext.has_cuda_kernels(), reason="a build with CUDA kernels answers it")
+def test_gemm_choice_without_cuda_kernels():
+    with pytest.raises(RuntimeError, match="has no CUDA kernels"):
+        C.gemm_choice(0, 0)
+    with pytest.raises(RuntimeError, match=GEMM_ERR + "7"):
+        C.gemm_choice(7, 0)
+
+
+def test_opcheck_gemm_and_routing():
+    x, w, b, a, bb = _args()
+    torch.library.opcheck(C.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, 0.0, 7, 1))
+    x, w, b, a, bb, scales, ids, rk = _multi_args(ranks=False, M=9, K=12, N=10, R=4)
+    order, keys = _routing(ids, 3)
+    torch.library.opcheck(C.multi_lora_linear_fwd.default,
+                          (x, w, b, a, bb, scales, ids, rk, order, keys, 1))
+    _, xa = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk)
+    torch.library.opcheck(C.multi_lora_linear_bwd.default,
+                          (torch.randn(9, 10), x, w, a, bb, scales, ids, rk, xa, True, True, True,
+                           order, keys, 1))
+
+
 def test_multi_lora_linear_backend_cuda_on_cpu_tensors():
     import fused_lora
 
@@ -247,9 +348,18 @@ def _py_ops_with_cpp_twin():
     return [n for n in names if hasattr(torch.ops.fused_lora, n) or hasattr(C, n)]
 
 
+# The C++ ops' trailing arguments (csrc/lora.h) that a Python op may lack: the precomputed
+# routing of the mixed-adapter ops and the GEMM variant, last, in this order, with defaults.
+CPP_ONLY = {"lora_linear_fwd": [("gemm", "int")], "lora_linear_bwd": [("gemm", "int")],
+            "multi_lora_linear_fwd": [("order", "Optional[Tensor]"), ("keys", "Optional[Tensor]"),
+                                      ("gemm", "int")]}
+CPP_ONLY["multi_lora_linear_bwd"] = CPP_ONLY["multi_lora_linear_fwd"]
+
+
 @pytest.mark.parametrize("op", _py_ops_with_cpp_twin())
 def test_schemas_match_python_ops(op):
-    """One schema per op: the C++ op is the Python custom op minus `backend`, with an int seed."""
+    """One schema per op: the C++ op is the Python custom op minus `backend`, with an int seed,
+    plus the C++-only trailing arguments (CPP_ONLY) the Python op does not have."""
     import fused_lora  # noqa: F401  (defines torch.ops.fused_lora.*)
 
     assert hasattr(torch.ops.fused_lora, op), f"Python op fused_lora::{op} missing"
@@ -259,7 +369,13 @@ def test_schemas_match_python_ops(op):
     expected = [
         (name, "int" if name == "seed" else typ) for name, typ in _schema_args(py) if name != "backend"
     ]
+    have = {name for name, _ in expected}
+    extra = [a for a in CPP_ONLY[op] if a[0] not in have]
+    expected = [a for a in expected if a not in CPP_ONLY[op]] + CPP_ONLY[op] if extra else expected
     assert _schema_args(cpp) == expected, f"{cpp} vs {py}"
+    for a in cpp.arguments:  # the C++-only ones default to "unplanned, auto": callers may omit
+        if (a.name, str(a.type)) in CPP_ONLY[op]:
+            assert a.has_default_value(), f"{op}: {a.name} has no default"
     assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in py.returns]
     assert not cpp.is_mutable and not py.is_mutable
 

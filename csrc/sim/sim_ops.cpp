@@ -458,6 +458,9 @@ TORCH_LIBRARY(fused_lora_sim, m) {
   m.def(fused_lora::kBwdSchema);
   m.def(fused_lora::kMultiFwdSchema);
   m.def(fused_lora::kMultiBwdSchema);
+#ifndef FL_SIM_NO_KERNELS
+  m.def(fused_lora::kGemmChoiceSchema, &fused_lora::gemm_choice);  // the emulator is device 0
+#endif
   m.def("selftest_warp(Tensor x) -> Tensor", &fused_lora::simtest::selftest_warp);
   m.def("selftest_gemm(Tensor a, Tensor b, int mode, int bug) -> Tensor",
         &fused_lora::simtest::selftest_gemm);

@@ -18,9 +18,9 @@ import random
 import pytest
 import torch
 from _utils import check_op_vs_reference
+from simt_emu import build_sim, sim_unavailable_reason
 
 from fused_lora import reference
-from fused_lora._sim import build_sim, sim_unavailable_reason
 
 _REASON = sim_unavailable_reason()
 if _REASON is not None:

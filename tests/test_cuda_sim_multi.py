@@ -1,5 +1,5 @@
 """The mixed-adapter CUDA kernels (csrc/multi_lora_cuda.cu) run on CPU through the SIMT emulator
-(fused_lora/_sim.py: torch.ops.fused_lora_sim.*) against fused_lora.reference.
+(tools/simt_emu: torch.ops.fused_lora_sim.*) against fused_lora.reference.
 
 What the shapes reach (the emulator reports 4 SMs unless FUSED_LORA_SIM_SMS says otherwise):
 * split-K shrink: decode rows (M < 65) with K >= 512 split K in 256-k passes (2-3 splits here),
@@ -25,7 +25,7 @@ import torch
 from fused_lora import reference
 
 try:
-    from fused_lora._sim import SimUnavailable, build_sim
+    from simt_emu import SimUnavailable, build_sim
 except ImportError as e:  # the emulator is not in this checkout
     pytest.skip(f"SIMT emulator unavailable: {e}", allow_module_level=True)
 

@@ -2,9 +2,9 @@
 
 The ops' gemm=2 (wgmma, 128x128 tiles) or gemm=3 (wgmma256, 128x256) makes every fp16/bf16
 tensor-core GEMM of the CUDA ops (forward y, dx, mixed-adapter forward and dx) run the wgmma
-kernel instead of the mma.sync one; every test here runs with both. The emulator
-queues each wgmma.mma_async and performs it only when wgmma_wait retires its group, reading the
-128-byte-swizzled shared memory through the decoded descriptors (csrc/sim/simt_emu.cpp), with
+kernel instead of the mma.sync one; every test here runs with both. The emulator queues each
+wgmma.mma_async and performs it only when wgmma_wait retires its group, reading the 128-byte-
+swizzled shared memory through the decoded descriptors (tools/simt_emu/src/simt_emu.cpp), with
 the dynamic shared memory at a shared address that is not 1024-byte aligned. So these tests
 fail for a wrong swizzle or descriptor, unaligned swizzle atoms, a stage overwritten while its
 MMAs are in flight (the pipeline's slot reuse), a wrong accumulator fragment map, and the edge,
@@ -23,9 +23,9 @@ import functools
 import pytest
 import torch
 from _utils import check_op_vs_reference, lora_args, multi_lora_args
+from simt_emu import build_sim, sim_unavailable_reason
 
 from fused_lora import reference
-from fused_lora._sim import build_sim, sim_unavailable_reason
 
 _REASON = sim_unavailable_reason()
 if _REASON is not None:

@@ -14,7 +14,7 @@ FUSED_LORA_EXT_OPTIONAL=1             a failed extension build installs the pack
 FUSED_LORA_CUDA_ARCHS="80;90a"        SASS targets (default 80;90a, PTX of the newest without
                                       its "a" is added). 90a builds the Hopper wgmma GEMM and
                                       lets the host launch it on compute capability 9.0
-                                      (FUSED_LORA_CUDA_GEMM picks mma/wgmma at run time)
+                                      (the ops' gemm argument picks mma/wgmma per call)
 CUDA_HOME / CUDA_PATH                 the toolkit; default: CUDA's standard install prefix
                                       /usr/local/cuda (not derived from the nvcc on PATH,
                                       which may be a wrapper script)

@@ -153,15 +153,15 @@ inline void check_cuda_inputs(const at::Tensor& x, const at::Tensor& lora_A) {
 }
 
 // C[M, N] = init + P[M, K] Q^T (gemm.cu). q_nk: Q is [N, K]; else Q is [K, N]. Tensor cores for
-// fp16/bf16, SIMT fp32 otherwise, a GEMV for M <= 8 with Q as [N, K].
+// fp16/bf16 (the GEMM `gemm` names: kGemmMma, kGemmWgmma or kGemmWgmma256, from resolve_gemm),
+// SIMT fp32 otherwise, a GEMV for M <= 8 with Q as [N, K].
 void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor& C,
-                 const InitArgs& ia, fl_stream_t stream);
+                 const InitArgs& ia, int64_t gemm, fl_stream_t stream);
 
-// Which tensor-core GEMM launch_gemm runs for fp16/bf16 (gemm.cu), read at every launch from
-// FUSED_LORA_CUDA_GEMM: "mma" (mma.sync, sm_80+), "wgmma" / "wgmma256" (Hopper warpgroup MMA,
-// 128x128 / 128x256 tiles; an error where fl_has_wgmma() is false), "auto"/unset: wgmma where
-// available (the emulator: mma).
-enum : int { kGemmMma = 0, kGemmWgmma = 1, kGemmWgmma256 = 2 };
-int tc_gemm_choice();
+// The ops' `int gemm` argument (lora.h) resolved for the current device, once per op call before
+// any launch: auto -> wgmma where fl_has_wgmma() (the emulator: mma), else mma; an error naming
+// the variant where wgmma / wgmma256 is asked for and cannot run. A cached attribute query, no
+// getenv, legal under graph capture.
+int64_t resolve_gemm(int64_t gemm);
 
 }  // namespace fused_lora

@@ -6,7 +6,7 @@
 // ways:
 //
 //   * nvcc (FUSED_LORA_WITH_CUDA): the real thing, below.
-//   * FUSED_LORA_SIM (host C++ only, no GPU): csrc/sim/simt_emu.h runs every CUDA thread of a
+//   * FUSED_LORA_SIM (host C++ only, no GPU): tools/simt_emu/src/simt_emu.h runs every CUDA thread of a
 //     block as a fiber, with block barriers, warp collectives, cp.async, ldmatrix and mma.sync
 //     emulated from their PTX ISA definitions. tests/test_cuda_sim.py builds the same kernel and
 //     launcher sources that way and checks every op against fused_lora.reference on CPU CI,
@@ -55,7 +55,7 @@
 
 #if defined(FUSED_LORA_SIM)
 
-#include "sim/simt_emu.h"
+#include "simt_emu.h"  // tools/simt_emu/src/: the emulator build puts it on the include path
 
 #else  // nvcc
 

@@ -1,10 +1,11 @@
 // GEMM kernels shared by the single- and mixed-adapter ops: C = init + P Q^T, where init (the
 // LoRA term, dropout mask, bias) is computed in fp32 in the prologue and becomes the initial
 // accumulator, so C is written once.
-#include <cstdlib>
-#include <string>
-
 #include "cuda_common.cuh"
+
+#ifndef FUSED_LORA_SIM
+#include <c10/cuda/CUDAFunctions.h>  // device_count (gemm_choice)
+#endif
 
 namespace fused_lora {
 namespace {
@@ -448,7 +449,7 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[TN / 2], uint64_t da, uint
     wgmma_m64n128k16<T, TRANS_B>(d, da, db);
 }
 
-// TN: the tile width, 128 (wgmma m64n128k16) or 256 (m64n256k16; FUSED_LORA_CUDA_GEMM=wgmma256).
+// TN: the tile width, 128 (wgmma m64n128k16) or 256 (m64n256k16; gemm=3, wgmma256).
 template <typename T, bool Q_NK, int TN>
 __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
@@ -741,18 +742,16 @@ __global__ void __launch_bounds__(256, 4) gemv_kernel(
 
 }  // namespace
 
-int tc_gemm_choice() {
-  const char* e = std::getenv("FUSED_LORA_CUDA_GEMM");
-  const std::string v = e != nullptr ? e : "";
-  if (v == "mma") return kGemmMma;
-  if (v == "wgmma" || v == "wgmma256") {
-    TORCH_CHECK(fl_has_wgmma(), "FUSED_LORA_CUDA_GEMM=", v, ": the wgmma GEMM needs an sm_90a "
-                "build (FUSED_LORA_CUDA_ARCHS with 90a, the default) and a compute capability "
-                "9.0 GPU (H100/H200)");
-    return v == "wgmma" ? kGemmWgmma : kGemmWgmma256;
+int64_t resolve_gemm(int64_t gemm) {
+  check_gemm(gemm);
+  if (gemm == kGemmWgmma || gemm == kGemmWgmma256) {
+    TORCH_CHECK(fl_has_wgmma(), "gemm=", gemm, " (", gemm_name(gemm), "): the wgmma GEMM needs "
+                "an sm_90a build (FUSED_LORA_CUDA_ARCHS with 90a, the default) and a compute "
+                "capability 9.0 GPU (H100/H200), which device ", fl_current_device(), " is not; "
+                "gemm=0 (auto) or 1 (mma) run everywhere");
+    return gemm;
   }
-  TORCH_CHECK(v.empty() || v == "auto",
-              "FUSED_LORA_CUDA_GEMM must be mma, wgmma, wgmma256 or auto, got '", v, "'");
+  if (gemm == kGemmMma) return kGemmMma;
 #ifdef FUSED_LORA_SIM
   return kGemmMma;  // the emulator tests pick each GEMM explicitly
 #else
@@ -760,8 +759,21 @@ int tc_gemm_choice() {
 #endif
 }
 
+int64_t gemm_choice(int64_t requested, int64_t device) {
+#ifdef FUSED_LORA_SIM
+  TORCH_CHECK(device == 0, "gemm_choice: the emulator has one device, 0; got ", device);
+  return resolve_gemm(requested);
+#else
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), "gemm_choice: device must be a "
+              "CUDA device index in [0, ", static_cast<int>(c10::cuda::device_count()), "), got ",
+              device);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return resolve_gemm(requested);
+#endif
+}
+
 void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor& C,
-                 const InitArgs& ia, fl_stream_t stream) {
+                 const InitArgs& ia, int64_t gemm, fl_stream_t stream) {
   const int64_t M = P.size(0), K = P.size(1), N = C.size(1);
   if (q_nk && M <= GEMV_MAX_M) {
     const at::Tensor Pc = unit_inner(P), Qc = unit_inner(Q);
@@ -790,7 +802,9 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
   const int vec_p = K % 8 == 0 && Pc.stride(0) % 8 == 0 && aligned16(Pc);
   const int vec_q = (q_nk ? K : N) % 8 == 0 && Qc.stride(0) % 8 == 0 && aligned16(Qc);
   const int vec_c = C.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(C.data_ptr()) % 4 == 0;
-  const int choice = tc_gemm_choice();
+  TORCH_CHECK(gemm == kGemmMma || gemm == kGemmWgmma || gemm == kGemmWgmma256,
+              "launch_gemm: gemm must be resolved (resolve_gemm), got ", gemm);
+  const int64_t choice = gemm;
   const int bk = choice == kGemmMma ? BK : WG_BK;
   dim3 grid(cdiv(M, BM), cdiv(N, choice == kGemmWgmma256 ? 256 : BN));
   TORCH_CHECK(grid.y <= 65535, "out_features too large for the tensor-core kernel");

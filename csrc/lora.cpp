@@ -41,8 +41,9 @@ at::Tensor dropped(const at::Tensor& t, double dropout_p, const Dropout& d) {
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-    int64_t seed) {
+    int64_t seed, int64_t gemm) {
   check_fwd(x, weight, bias, lora_A, lora_B, dropout_p);
+  check_gemm(gemm);  // a CUDA-kernel choice: checked here too, so a bad value fails everywhere
   const auto acc = acc_type(x.scalar_type());
   const auto d = make_dropout(dropout_p, seed);
   auto xf = x.to(acc);
@@ -56,8 +57,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p, int64_t seed,
-    bool needs_dx, bool needs_dA, bool needs_dB) {
+    bool needs_dx, bool needs_dA, bool needs_dB, int64_t gemm) {
   check_bwd(dy, x, weight, lora_A, lora_B, xa, dropout_p);
+  check_gemm(gemm);
   const auto acc = acc_type(x.scalar_type());
   const auto d = make_dropout(dropout_p, seed);
   auto dyf = dy.to(acc);
@@ -78,8 +80,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
 // ---- mixed adapters (fused_lora.reference.multi_lora_linear_fwd / _bwd) ------------------------
 
 // Rows of each slot present in the batch, in row order; ids outside [0, n_slots) act as -1.
-std::map<int64_t, std::vector<int64_t>> group_rows(const at::Tensor& adapter_ids, int64_t S) {
+// With the precomputed routing (order, keys: the stable sort of the ids), the segments of keys
+// give the same groups in the same row order; slots outside [0, n_slots) are skipped there too
+// (cheap on the CPU, and a bad plan must not index past lora_A).
+std::map<int64_t, std::vector<int64_t>> group_rows(const at::Tensor& adapter_ids, int64_t S,
+                                                   const std::optional<at::Tensor>& order,
+                                                   const std::optional<at::Tensor>& keys) {
   std::map<int64_t, std::vector<int64_t>> groups;
+  if (order.has_value()) {
+    const int64_t* o = order->data_ptr<int64_t>();
+    const int64_t* k = keys->data_ptr<int64_t>();
+    const int64_t M = order->numel();
+    for (int64_t i = 0; i < M; ++i)
+      if (k[i] >= 0 && k[i] < S && o[i] >= 0 && o[i] < M) groups[k[i]].push_back(o[i]);
+    return groups;
+  }
   const auto ids = adapter_ids.contiguous();
   const int64_t* p = ids.data_ptr<int64_t>();
   for (int64_t m = 0; m < ids.numel(); ++m)
@@ -100,14 +115,18 @@ at::Tensor rows_tensor(const std::vector<int64_t>& rows) {
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scales,
-    const at::Tensor& adapter_ids, const std::optional<at::Tensor>& ranks) {
+    const at::Tensor& adapter_ids, const std::optional<at::Tensor>& ranks,
+    const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& keys,
+    int64_t gemm) {
   check_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks);
+  check_routing(x, order, keys);
+  check_gemm(gemm);
   const auto acc = acc_type(x.scalar_type());
   const int64_t M = x.size(0), S = lora_A.size(0), R = lora_A.size(1);
   auto y = at::mm(x.to(acc), weight.to(acc).t());
   if (bias.has_value()) y = y + bias->to(acc);
   auto xa = at::zeros({M, R}, x.options().dtype(acc));
-  for (const auto& [slot, rows_v] : group_rows(adapter_ids, S)) {
+  for (const auto& [slot, rows_v] : group_rows(adapter_ids, S, order, keys)) {
     const int64_t r = slot_rank(ranks, slot, R);
     if (r == 0) continue;
     const auto rows = rows_tensor(rows_v);
@@ -125,9 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& adapter_ids,
     const std::optional<at::Tensor>& ranks, const at::Tensor& xa, bool needs_dx, bool needs_dA,
-    bool needs_dB) {
+    bool needs_dB, const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& keys,
+    int64_t gemm) {
   check_multi(x, weight, std::nullopt, lora_A, lora_B, scales, adapter_ids, ranks);
   check_multi_bwd(dy, x, weight, lora_A, xa);
+  check_routing(x, order, keys);
+  check_gemm(gemm);
   const auto acc = acc_type(x.scalar_type());
   const int64_t S = lora_A.size(0), R = lora_A.size(1);
   const auto dyf = dy.to(acc);
@@ -135,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cpu(
   if (needs_dx) dxf = at::mm(dyf, weight.to(acc));
   if (needs_dA) dA = at::zeros(lora_A.sizes(), lora_A.options().dtype(acc));
   if (needs_dB) dB = at::zeros(lora_B.sizes(), lora_B.options().dtype(acc));
-  for (const auto& [slot, rows_v] : group_rows(adapter_ids, S)) {
+  for (const auto& [slot, rows_v] : group_rows(adapter_ids, S, order, keys)) {
     const int64_t r = slot_rank(ranks, slot, R);
     if (r == 0) continue;
     const auto rows = rows_tensor(rows_v);
@@ -163,6 +185,15 @@ bool has_cuda() {
 #endif
 }
 
+#ifndef FUSED_LORA_WITH_CUDA
+int64_t gemm_choice_nocuda(int64_t requested, int64_t device) {
+  check_gemm(requested);
+  TORCH_CHECK(false, "gemm_choice: this build of fused_lora._C has no CUDA kernels "
+              "(FUSED_LORA_SKIP_CUDA_BUILD or no toolkit), so no GEMM runs on device ", device);
+  return kGemmMma;  // not reached
+}
+#endif
+
 }  // namespace
 }  // namespace fused_lora
 
@@ -173,6 +204,13 @@ TORCH_LIBRARY(fused_lora_C, m) {
   m.def(fused_lora::kMultiBwdSchema);
   // True when this build has the CUDA kernels (FUSED_LORA_WITH_CUDA); no device needed.
   m.def("has_cuda() -> bool", &fused_lora::has_cuda);
+  // What `int gemm=requested` runs on CUDA device `device` (python -m fused_lora info asks it
+  // for 0, so the C++ rule is stated once, in gemm.cu). No tensors: a catch-all kernel.
+#ifdef FUSED_LORA_WITH_CUDA
+  m.def(fused_lora::kGemmChoiceSchema, &fused_lora::gemm_choice);
+#else
+  m.def(fused_lora::kGemmChoiceSchema, &fused_lora::gemm_choice_nocuda);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(fused_lora_C, CPU, m) {

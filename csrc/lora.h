@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #ifdef __CUDACC__
 #define FL_HD __host__ __device__ __forceinline__
@@ -20,23 +21,68 @@
 namespace fused_lora {
 
 // Op schemas: the Python custom ops fused_lora::* (fused_lora/ops.py) have the same arguments
-// plus a trailing `str backend`, with `Tensor? seed` where these take `int seed`;
+// plus a trailing `str backend`, with `Tensor? seed` where these take `int seed`, and without the
+// C++-only trailing arguments they do not have (order, keys, gemm);
 // tests/test_cuda_ext.py::test_schemas_match_python_ops enforces it.
+//
+// `int gemm` (every op, last): which tensor-core GEMM the CUDA kernels run for fp16/bf16 with
+// M > 8 (the GEMV takes M <= 8, the SIMT kernel fp32, whatever gemm says): 0 = auto (wgmma
+// 128x128 where fl_has_wgmma(), i.e. an sm_90a build on a compute capability 9.0 device, else
+// mma.sync; mma.sync in the emulator), 1 = mma.sync, 2 = wgmma 128x128 tiles, 3 = wgmma 128x256
+// tiles. 2 and 3 are an error where wgmma cannot run. An op argument, not an environment
+// variable: read per launch, the variable cost a getenv on every call and could not differ
+// between two calls in one process (bench, tests) without racing. The CPU kernels check the
+// range and ignore it.
+//
+// `Tensor? order, Tensor? keys` (mixed adapters): the routing of adapter_ids, precomputed once
+// per batch and shared by every layer (fused_lora/routing.py's plan): with key[t] = ids[t] if
+// 0 <= ids[t] < n_slots else -1, order = the stable argsort of key (int64 [M]: rows without an
+// adapter first) and keys = key[order] (int64 [M]). Both or neither; when given, the kernels use
+// them instead of sorting (one at::sort per call, i.e. per layer and direction, saved). They
+// are TRUSTED for speed: only their dtype, shape, device and contiguity are checked (no host
+// sync), so they must be consistent with adapter_ids and n_slots; an inconsistent order gives
+// wrong results (or out-of-bounds reads of row indices outside [0, M)), not an error.
 constexpr const char* kFwdSchema =
     "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-    "float scale, float dropout_p, int seed) -> (Tensor, Tensor)";
+    "float scale, float dropout_p, int seed, int gemm=0) -> (Tensor, Tensor)";
 constexpr const char* kBwdSchema =
     "lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
-    "float scale, float dropout_p, int seed, bool needs_dx, bool needs_dA, bool needs_dB) "
-    "-> (Tensor, Tensor, Tensor)";
+    "float scale, float dropout_p, int seed, bool needs_dx, bool needs_dA, bool needs_dB, "
+    "int gemm=0) -> (Tensor, Tensor, Tensor)";
 
 constexpr const char* kMultiFwdSchema =
     "multi_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-    "Tensor scales, Tensor adapter_ids, Tensor? ranks) -> (Tensor, Tensor)";
+    "Tensor scales, Tensor adapter_ids, Tensor? ranks, Tensor? order=None, Tensor? keys=None, "
+    "int gemm=0) -> (Tensor, Tensor)";
 constexpr const char* kMultiBwdSchema =
     "multi_lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "Tensor scales, Tensor adapter_ids, Tensor? ranks, Tensor xa, bool needs_dx, bool needs_dA, "
-    "bool needs_dB) -> (Tensor, Tensor, Tensor)";
+    "bool needs_dB, Tensor? order=None, Tensor? keys=None, int gemm=0) -> (Tensor, Tensor, Tensor)";
+
+// What gemm_choice(requested, device) answers: the GEMM a launch with `gemm=requested` on that
+// device runs (1, 2 or 3; never 0), or the launch's error. Registered by lora.cpp.
+constexpr const char* kGemmChoiceSchema = "gemm_choice(int requested, int device) -> int";
+
+// gemm.cu (the CUDA build and the emulator): the op behind kGemmChoiceSchema.
+int64_t gemm_choice(int64_t requested, int64_t device);
+
+// The values of `int gemm`.
+enum : int64_t { kGemmAuto = 0, kGemmMma = 1, kGemmWgmma = 2, kGemmWgmma256 = 3 };
+
+inline const char* gemm_name(int64_t gemm) {
+  switch (gemm) {
+    case kGemmAuto: return "auto";
+    case kGemmMma: return "mma";
+    case kGemmWgmma: return "wgmma";
+    case kGemmWgmma256: return "wgmma256";
+    default: return "?";
+  }
+}
+
+inline void check_gemm(int64_t gemm) {
+  TORCH_CHECK(gemm >= kGemmAuto && gemm <= kGemmWgmma256,
+              "gemm must be 0 (auto), 1 (mma), 2 (wgmma) or 3 (wgmma256), got ", gemm);
+}
 
 // ---- Dropout: fused_lora.reference.dropout_hash, bit for bit ---------------------------------
 // lowbias32 twice; keys are the two 31-bit halves of the 62-bit seed; element (m, k) of an
@@ -207,6 +253,27 @@ inline void check_multi(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK(ranks->device() == dev, "ranks is on ", ranks->device(), " but x is on ", dev);
   if (bias.has_value())
     TORCH_CHECK(bias->device() == dev, "bias is on ", bias->device(), " but x is on ", dev);
+}
+
+// The precomputed routing (see the schemas above): both or neither, int64 [M], contiguous, on
+// x's device. Shape checks only: their values are trusted (no host sync).
+inline bool check_routing(const at::Tensor& x, const std::optional<at::Tensor>& order,
+                          const std::optional<at::Tensor>& keys) {
+  TORCH_CHECK(order.has_value() == keys.has_value(),
+              "order and keys must be given together (the routing plan's two tensors) or both "
+              "be None; got order=", order.has_value() ? "Tensor" : "None",
+              ", keys=", keys.has_value() ? "Tensor" : "None");
+  if (!order.has_value()) return false;
+  const int64_t M = x.size(0);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{*order, "order"},
+                                std::pair<const at::Tensor&, const char*>{*keys, "keys"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == M && t.scalar_type() == at::kLong, name,
+                " must be int64 [M=", M, "], got ", t.scalar_type(), " ", t.sizes());
+    TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+  }
+  return true;
 }
 
 inline void check_multi_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,

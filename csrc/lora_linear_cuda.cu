@@ -595,10 +595,11 @@ void launch_bwd_ds_db(const at::Tensor& dy, const at::Tensor& lora_B, const at::
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
-    int64_t seed) {
+    int64_t seed, int64_t gemm) {
   check_fwd(x, weight, bias, lora_A, lora_B, dropout_p);
   check_cuda_inputs(x, lora_A);
   FL_DEVICE_GUARD(x);
+  const int64_t gemm_v = resolve_gemm(gemm);  // before any launch: every size fails alike
   const fl_stream_t stream = FL_STREAM();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
   auto y = fl_empty({M, N}, x.options());
@@ -621,17 +622,18 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(
   ia.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   ia.s_bias = bias.has_value() ? bias->stride(0) : 0;
   ia.bias_dt = dt_code(x.scalar_type());
-  launch_gemm(x, weight, /*q_nk=*/true, y, ia, stream);
+  launch_gemm(x, weight, /*q_nk=*/true, y, ia, gemm_v, stream);
   return {y, xa};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p, int64_t seed,
-    bool needs_dx, bool needs_dA, bool needs_dB) {
+    bool needs_dx, bool needs_dA, bool needs_dB, int64_t gemm) {
   check_bwd(dy, x, weight, lora_A, lora_B, xa, dropout_p);
   check_cuda_inputs(x, lora_A);
   FL_DEVICE_GUARD(x);
+  const int64_t gemm_v = resolve_gemm(gemm);
   const fl_stream_t stream = FL_STREAM();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(0);
   auto dx = needs_dx ? fl_empty({M, K}, x.options()) : fl_empty({0}, x.options());
@@ -664,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
     ia.bias = nullptr;
     ia.drop = drop;
     // dx[m, k] = sum_n dy[m, n] W0[n, k]: Q = W0 as [K_red=N, N_out=K] (n contiguous rows).
-    launch_gemm(dy, weight, /*q_nk=*/false, dx, ia, stream);
+    launch_gemm(dy, weight, /*q_nk=*/false, dx, ia, gemm_v, stream);
   }
   if (needs_dA)
     launch_reduce_m(ds, x, dA, dA.stride(0), dA.stride(1), drop.scale, drop, stream);

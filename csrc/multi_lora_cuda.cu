@@ -438,17 +438,24 @@ struct MultiInputs {
   const int64_t* row_map() const { return prefill ? order.data_ptr<int64_t>() : nullptr; }
 };
 
+// order / keys: the caller's precomputed routing (lora.h: the stable sort below, done once per
+// batch by the routing plan); used as given, so with them no sort runs here at all.
 MultiInputs multi_inputs(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& scales,
                          const at::Tensor& adapter_ids, const std::optional<at::Tensor>& ranks,
-                         bool need_segments) {
+                         const std::optional<at::Tensor>& order,
+                         const std::optional<at::Tensor>& keys, bool need_segments) {
   check_cuda_inputs(x, lora_A);
   TORCH_CHECK(scales.scalar_type() == at::kFloat, "scales must be float32 on CUDA, got ",
               scales.scalar_type());
   TORCH_CHECK(lora_A.size(1) < (int64_t(1) << 31), "lora_A: r_max must be < 2^31");
+  const bool planned = check_routing(x, order, keys);  // dtype/shape/device only: no host sync
   MultiInputs mi{adapter_ids.contiguous(),
                  ranks.has_value() ? ranks->contiguous() : at::Tensor(), scales.contiguous(), {},
                  {}, x.size(0) >= kPrefillMinRows};
-  if (mi.prefill || need_segments) {
+  if (planned) {
+    mi.order = *order;  // contiguous (checked)
+    mi.keys = *keys;
+  } else if (mi.prefill || need_segments) {
     // On the device, no host sync (CUDA-graph safe): out-of-range ids sort with -1.
     const auto valid = mi.ids.ge(0).logical_and(mi.ids.lt(lora_A.size(0)));
     const auto keyed = at::where(valid, mi.ids, at::full({}, -1, mi.ids.options()));
@@ -582,10 +589,14 @@ void launch_slot_reduce(const at::Tensor& L, const at::Tensor& Z, const MultiInp
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scales,
-    const at::Tensor& adapter_ids, const std::optional<at::Tensor>& ranks) {
+    const at::Tensor& adapter_ids, const std::optional<at::Tensor>& ranks,
+    const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& keys,
+    int64_t gemm) {
   check_multi(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks);
   FL_DEVICE_GUARD(x);
-  const auto mi = multi_inputs(x, lora_A, scales, adapter_ids, ranks, /*need_segments=*/false);
+  const int64_t gemm_v = resolve_gemm(gemm);  // before any launch: every size fails alike
+  const auto mi = multi_inputs(x, lora_A, scales, adapter_ids, ranks, order, keys,
+                               /*need_segments=*/false);
   const fl_stream_t stream = FL_STREAM();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(1);
   auto y = fl_empty({M, N}, x.options());
@@ -615,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd_cuda(
   ia.ranks = ptr_or_null(mi.ranks);
   ia.row_scale = mi.scales.data_ptr<float>();
   ia.row_map = mi.row_map();
-  launch_gemm(x, weight, /*q_nk=*/true, y, ia, stream);
+  launch_gemm(x, weight, /*q_nk=*/true, y, ia, gemm_v, stream);
   return {y, xa};
 }
 
@@ -623,12 +634,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& scales, const at::Tensor& adapter_ids,
     const std::optional<at::Tensor>& ranks, const at::Tensor& xa, bool needs_dx, bool needs_dA,
-    bool needs_dB) {
+    bool needs_dB, const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& keys,
+    int64_t gemm) {
   check_multi(x, weight, std::nullopt, lora_A, lora_B, scales, adapter_ids, ranks);
   check_multi_bwd(dy, x, weight, lora_A, xa);
   FL_DEVICE_GUARD(x);
+  const int64_t gemm_v = resolve_gemm(gemm);
   // The per-slot reductions walk the rows sorted by slot at every M (decode too).
-  const auto mi = multi_inputs(x, lora_A, scales, adapter_ids, ranks,
+  const auto mi = multi_inputs(x, lora_A, scales, adapter_ids, ranks, order, keys,
                                /*need_segments=*/(needs_dA || needs_dB) && lora_A.size(0) > 0);
   const fl_stream_t stream = FL_STREAM();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_A.size(1);
@@ -668,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cuda(
     ia.ranks = ptr_or_null(mi.ranks);
     ia.row_scale = nullptr;  // ds already carries the scale
     ia.row_map = mi.row_map();
-    launch_gemm(dy, weight, /*q_nk=*/false, dx, ia, stream);
+    launch_gemm(dy, weight, /*q_nk=*/false, dx, ia, gemm_v, stream);
   }
   if (needs_dA && any_slot)
     launch_slot_reduce(ds, x, mi, nullptr, dA, dA.stride(0), dA.stride(1), dA.stride(2), stream);

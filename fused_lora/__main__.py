@@ -10,24 +10,24 @@ import sys
 
 
 def _cuda_gemm(_ext) -> str:
-    """Which tensor-core GEMM backend='cuda' runs for fp16/bf16 here, and why."""
-    import os
-
+    """Which tensor-core GEMM backend='cuda' runs for fp16/bf16 here with gemm=0 (auto), as the
+    extension itself decides it (fused_lora_C::gemm_choice)."""
     import torch
 
-    forced = os.environ.get("FUSED_LORA_CUDA_GEMM", "")
     if not _ext.has_cuda_kernels():
         return "none (no CUDA kernels in the extension)"
     has_90a = "90a" in str(_ext.build_info().get("archs") or "")
     if not torch.cuda.is_available():
-        return ("wgmma on compute capability 9.0 GPUs, mma.sync elsewhere" if has_90a
+        return ("decided per device at launch; this build has the sm_90a wgmma kernels" if has_90a
                 else "mma.sync (built without sm_90a)") + " (no GPU here)"
-    if forced in ("mma", "wgmma", "wgmma256"):
-        return f"{forced} (FUSED_LORA_CUDA_GEMM={forced})"
-    if _ext.wgmma_available():
-        return "wgmma (sm_90a build, compute capability 9.0; FUSED_LORA_CUDA_GEMM=mma for mma.sync)"
+    try:
+        got = _ext.GEMM_NAMES.get(_ext.gemm_choice(_ext.GEMM_AUTO), "?")
+    except Exception as e:  # noqa: BLE001 - an old .so without gemm_choice: say so
+        return f"unknown ({type(e).__name__}: {e})"
     cc = ".".join(map(str, torch.cuda.get_device_capability()))
-    return f"mma.sync (compute capability {cc}" + ("" if has_90a else ", built without sm_90a") + ")"
+    return (f"{got} for gemm=0 (auto) on compute capability {cc}"
+            + ("" if has_90a else ", built without sm_90a")
+            + "; the ops' gemm argument picks 1 = mma, 2 = wgmma, 3 = wgmma256")
 
 
 def info() -> dict:

@@ -48,12 +48,31 @@ def build_info() -> dict:
 def wgmma_available(device: Optional[torch.device] = None) -> bool:
     """Whether the CUDA backend's fp16/bf16 GEMMs can run the Hopper wgmma kernel on `device`
     (default: the current CUDA device): the extension holds sm_90a code (FUSED_LORA_CUDA_ARCHS
-    with 90a, the default) and the GPU is compute capability 9.0. Where true, the kernels use it
-    unless FUSED_LORA_CUDA_GEMM=mma."""
-    if _ERROR is not None or not torch.cuda.is_available():
+    with 90a, the default) and the GPU is compute capability 9.0. Where true, gemm=0 (auto)
+    picks it; gemm=1 forces mma.sync. The extension answers itself (gemm_choice) when it can."""
+    if _ERROR is not None or not torch.cuda.is_available() or not has_cuda_kernels():
         return False
+    idx = torch.device(device).index if device is not None else None
+    idx = torch.cuda.current_device() if idx is None else idx
+    if hasattr(_ns(), "gemm_choice"):
+        return gemm_choice(0, idx) == GEMM_WGMMA
     archs = str(build_info().get("archs") or "")
-    return "90a" in archs and torch.cuda.get_device_capability(device) == (9, 0)
+    return "90a" in archs and torch.cuda.get_device_capability(idx) == (9, 0)
+
+
+# The ops' `gemm` argument (csrc/lora.h): which tensor-core GEMM the CUDA kernels run for
+# fp16/bf16. GEMM_AUTO: wgmma (128x128) where wgmma_available(), else mma.sync.
+GEMM_AUTO, GEMM_MMA, GEMM_WGMMA, GEMM_WGMMA256 = 0, 1, 2, 3
+GEMM_NAMES = {GEMM_AUTO: "auto", GEMM_MMA: "mma", GEMM_WGMMA: "wgmma", GEMM_WGMMA256: "wgmma256"}
+
+
+def gemm_choice(requested: int = GEMM_AUTO, device: Optional[int] = None) -> int:
+    """The GEMM (GEMM_MMA, GEMM_WGMMA or GEMM_WGMMA256) that ``gemm=requested`` runs on CUDA
+    device `device` (default: the current one), as the C++ launcher decides it; raises the
+    launch's own RuntimeError where the variant cannot run there."""
+    if device is None:
+        device = torch.cuda.current_device()
+    return int(_ns().gemm_choice(int(requested), int(device)))
 
 
 def _ns():
@@ -75,10 +94,13 @@ def lora_linear_fwd(
     scale: float,
     dropout_p: float,
     seed: int,
+    *,
+    gemm: int = GEMM_AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused_lora_C::lora_linear_fwd; contract of fused_lora.reference.lora_linear_fwd."""
+    """fused_lora_C::lora_linear_fwd; contract of fused_lora.reference.lora_linear_fwd. gemm:
+    the tensor-core GEMM (GEMM_*; ignored by the CPU kernels)."""
     y, xa = _ns().lora_linear_fwd(
-        x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed)
+        x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed), int(gemm)
     )
     return y, xa
 
@@ -96,11 +118,13 @@ def lora_linear_bwd(
     needs_dx: bool,
     needs_dA: bool,
     needs_dB: bool,
+    *,
+    gemm: int = GEMM_AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fused_lora_C::lora_linear_bwd; contract of fused_lora.reference.lora_linear_bwd."""
     dx, dA, dB = _ns().lora_linear_bwd(
         dy, x, weight, lora_A, lora_B, xa, float(scale), float(dropout_p), int(seed),
-        bool(needs_dx), bool(needs_dA), bool(needs_dB),
+        bool(needs_dx), bool(needs_dA), bool(needs_dB), int(gemm),
     )
     return dx, dA, dB
 
@@ -114,9 +138,18 @@ def multi_lora_linear_fwd(
     scales: torch.Tensor,
     adapter_ids: torch.Tensor,
     ranks: Optional[torch.Tensor],
+    *,
+    order: Optional[torch.Tensor] = None,
+    keys: Optional[torch.Tensor] = None,
+    gemm: int = GEMM_AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused_lora_C::multi_lora_linear_fwd; contract of reference.multi_lora_linear_fwd."""
-    y, xa = _ns().multi_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks)
+    """fused_lora_C::multi_lora_linear_fwd; contract of reference.multi_lora_linear_fwd.
+    order, keys: the batch's routing plan (int64 [M] each: the stable argsort of the ids with
+    ids outside [0, n_slots) as -1, and the sorted keys), both or neither; trusted to match
+    adapter_ids (only shapes are checked), they spare the op its own sort."""
+    y, xa = _ns().multi_lora_linear_fwd(
+        x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks, order, keys, int(gemm)
+    )
     return y, xa
 
 
@@ -133,11 +166,16 @@ def multi_lora_linear_bwd(
     needs_dx: bool,
     needs_dA: bool,
     needs_dB: bool,
+    *,
+    order: Optional[torch.Tensor] = None,
+    keys: Optional[torch.Tensor] = None,
+    gemm: int = GEMM_AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fused_lora_C::multi_lora_linear_bwd; contract of reference.multi_lora_linear_bwd."""
+    """fused_lora_C::multi_lora_linear_bwd; contract of reference.multi_lora_linear_bwd.
+    order, keys, gemm: as for multi_lora_linear_fwd."""
     dx, dA, dB = _ns().multi_lora_linear_bwd(
         dy, x, weight, lora_A, lora_B, scales, adapter_ids, ranks, xa,
-        bool(needs_dx), bool(needs_dA), bool(needs_dB),
+        bool(needs_dx), bool(needs_dA), bool(needs_dB), order, keys, int(gemm),
     )
     return dx, dA, dB
 
@@ -148,21 +186,23 @@ def _register_fakes() -> None:
     from fused_lora.reference import acc_dtype
 
     @torch.library.register_fake("fused_lora_C::lora_linear_fwd")
-    def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, gemm=0):
         M = x.shape[0]
         return x.new_empty(M, weight.shape[0]), x.new_empty(
             M, lora_A.shape[0], dtype=acc_dtype(x.dtype)
         )
 
     @torch.library.register_fake("fused_lora_C::lora_linear_bwd")
-    def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB):
+    def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB,
+          gemm=0):
         dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
         dA = lora_A.new_empty(lora_A.shape) if needs_dA else lora_A.new_empty(0)
         dB = lora_B.new_empty(lora_B.shape) if needs_dB else lora_B.new_empty(0)
         return dx, dA, dB
 
     @torch.library.register_fake("fused_lora_C::multi_lora_linear_fwd")
-    def _(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks):
+    def _(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks, order=None, keys=None,
+          gemm=0):
         M = x.shape[0]
         return x.new_empty(M, weight.shape[0]), x.new_empty(
             M, lora_A.shape[1], dtype=acc_dtype(x.dtype)
@@ -170,7 +210,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fused_lora_C::multi_lora_linear_bwd")
     def _(dy, x, weight, lora_A, lora_B, scales, adapter_ids, ranks, xa, needs_dx, needs_dA,
-          needs_dB):
+          needs_dB, order=None, keys=None, gemm=0):
         dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
         dA = lora_A.new_empty(lora_A.shape) if needs_dA else lora_A.new_empty(0)
         dB = lora_B.new_empty(lora_B.shape) if needs_dB else lora_B.new_empty(0)

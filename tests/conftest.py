@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+# tools/ (development tooling outside the package, e.g. the SIMT emulator simt_emu) importable.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")

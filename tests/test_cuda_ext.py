@@ -203,6 +203,107 @@ def test_multi_checks_name_the_argument():
         C.multi_lora_linear_fwd(x, w, b, a[0], bb, scales, ids, rk)
 
 
+def _routing(ids, n_slots):
+    """The routing plan's (order, keys) for ids: the stable argsort of key, key[t] = ids[t] if
+    0 <= ids[t] < n_slots else -1 (rows without an adapter first), and the sorted keys."""
+    key = torch.where((ids >= 0) & (ids < n_slots), ids, torch.full_like(ids, -1))
+    keys, order = torch.sort(key, stable=True)
+    return order, keys
+
+
+@pytest.mark.parametrize("M", [5, 150], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_multi_routing_matches_unplanned(M, dtype):
+    x, w, b, a, bb, scales, ids, rk = _multi_args(dtype=dtype, M=M, S=4)
+    order, keys = _routing(ids, 4)
+    y, xa = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk)
+    y_p, xa_p = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk, order, keys)
+    assert torch.equal(y, y_p) and torch.equal(xa, xa_p)
+    dy = torch.randn(M, w.shape[0]).to(dtype)
+    bargs = (dy, x, w, a, bb, scales, ids, rk, xa, True, True, True)
+    for g, g_p, name in zip(C.multi_lora_linear_bwd(*bargs),
+                            C.multi_lora_linear_bwd(*bargs, order, keys), ("dx", "dA", "dB")):
+        assert torch.equal(g, g_p), name
+    # The plan is what the op follows (trusted, not recomputed): one that routes every row to
+    # no adapter gives the base layer and zero adapter gradients.
+    none = torch.full_like(keys, -1)
+    y_n, xa_n = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk, order, none)
+    _close(y_n, reference.lora_linear_fwd(x, w, b, a[0], bb[0] * 0, 0.0, 0.0, 0)[0], "y")
+    assert not xa_n.any()
+    _, dA, dB = C.multi_lora_linear_bwd(*bargs, order, none)
+    assert not dA.any() and not dB.any()
+
+
+def test_multi_routing_checks_name_the_argument():
+    x, w, b, a, bb, scales, ids, rk = _multi_args(M=23)
+    order, keys = _routing(ids, 3)
+    fwd = (x, w, b, a, bb, scales, ids, rk)
+    _, xa = C.multi_lora_linear_fwd(*fwd)
+    bwd = (torch.randn(23, w.shape[0]), x, w, a, bb, scales, ids, rk, xa, True, True, True)
+    for op, args in ((C.multi_lora_linear_fwd, fwd), (C.multi_lora_linear_bwd, bwd)):
+        with pytest.raises(RuntimeError, match=r"order must be int64 \[M=23\], got Long \[22\]"):
+            op(*args, order[:22], keys)
+        with pytest.raises(RuntimeError, match=r"keys must be int64 \[M=23\], got Int"):
+            op(*args, order, keys.int())
+        with pytest.raises(RuntimeError, match="order and keys must be given together"):
+            op(*args, order, None)
+        with pytest.raises(RuntimeError, match="keys must be contiguous"):
+            op(*args, order, torch.stack([keys, keys], 1)[:, 0])
+
+
+GEMM_ERR = r"gemm must be 0 \(auto\), 1 \(mma\), 2 \(wgmma\) or 3 \(wgmma256\), got "
+
+
+def test_cpu_gemm_is_checked_and_ignored():
+    x, w, b, a, bb = _args()
+    y, xa = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3)
+    dy = torch.randn_like(y)
+    g = C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, True, True, True)
+    margs = _multi_args()
+    my, mxa = C.multi_lora_linear_fwd(*margs)
+    mx, mw, _, ma, mbb, msc, mids, mrk = margs
+    mdy = torch.randn_like(my)
+    mb = (mdy, mx, mw, ma, mbb, msc, mids, mrk, mxa, True, True, True)
+    mg = C.multi_lora_linear_bwd(*mb)
+    for gemm in (1, 2, 3):  # the CPU kernels have no GEMM variants: same results
+        assert torch.equal(C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3, gemm=gemm)[0], y)
+        assert all(map(torch.equal, C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, True, True,
+                                                      True, gemm=gemm), g))
+        assert torch.equal(C.multi_lora_linear_fwd(*margs, gemm=gemm)[0], my)
+        assert all(map(torch.equal, C.multi_lora_linear_bwd(*mb, gemm=gemm), mg))
+        assert torch.equal(_ext.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3, gemm=gemm)[0], y)
+    for bad in (4, -1):
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 3, gemm=bad)
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, True, True, True, gemm=bad)
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            _ext.multi_lora_linear_fwd(*margs, gemm=bad)
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            _ext.multi_lora_linear_bwd(*mb, gemm=bad)
+
+
+@pytest.mark.skipif(_ext.has_cuda_kernels(), reason="a build with CUDA kernels answers it")
+def test_gemm_choice_without_cuda_kernels():
+    with pytest.raises(RuntimeError, match="has no CUDA kernels"):
+        C.gemm_choice(0, 0)
+    with pytest.raises(RuntimeError, match=GEMM_ERR + "7"):
+        C.gemm_choice(7, 0)
+
+
+def test_opcheck_gemm_and_routing():
+    x, w, b, a, bb = _args()
+    torch.library.opcheck(C.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, 0.0, 7, 1))
+    x, w, b, a, bb, scales, ids, rk = _multi_args(ranks=False, M=9, K=12, N=10, R=4)
+    order, keys = _routing(ids, 3)
+    torch.library.opcheck(C.multi_lora_linear_fwd.default,
+                          (x, w, b, a, bb, scales, ids, rk, order, keys, 1))
+    _, xa = C.multi_lora_linear_fwd(x, w, b, a, bb, scales, ids, rk)
+    torch.library.opcheck(C.multi_lora_linear_bwd.default,
+                          (torch.randn(9, 10), x, w, a, bb, scales, ids, rk, xa, True, True, True,
+                           order, keys, 1))
+
+
 def test_multi_lora_linear_backend_cuda_on_cpu_tensors():
     import fused_lora
 
@@ -247,9 +348,18 @@ def _py_ops_with_cpp_twin():
     return [n for n in names if hasattr(torch.ops.fused_lora, n) or hasattr(C, n)]
 
 
+# The C++ ops' trailing arguments (csrc/lora.h) that a Python op may lack: the precomputed
+# routing of the mixed-adapter ops and the GEMM variant, last, in this order, with defaults.
+CPP_ONLY = {"lora_linear_fwd": [("gemm", "int")], "lora_linear_bwd": [("gemm", "int")],
+            "multi_lora_linear_fwd": [("order", "Optional[Tensor]"), ("keys", "Optional[Tensor]"),
+                                      ("gemm", "int")]}
+CPP_ONLY["multi_lora_linear_bwd"] = CPP_ONLY["multi_lora_linear_fwd"]
+
+
 @pytest.mark.parametrize("op", _py_ops_with_cpp_twin())
 def test_schemas_match_python_ops(op):
-    """One schema per op: the C++ op is the Python custom op minus `backend`, with an int seed."""
+    """One schema per op: the C++ op is the Python custom op minus `backend`, with an int seed,
+    plus the C++-only trailing arguments (CPP_ONLY) the Python op does not have."""
     import fused_lora  # noqa: F401  (defines torch.ops.fused_lora.*)
 
     assert hasattr(torch.ops.fused_lora, op), f"Python op fused_lora::{op} missing"
@@ -259,7 +369,13 @@ def test_schemas_match_python_ops(op):
     expected = [
         (name, "int" if name == "seed" else typ) for name, typ in _schema_args(py) if name != "backend"
     ]
+    have = {name for name, _ in expected}
+    extra = [a for a in CPP_ONLY[op] if a[0] not in have]
+    expected = [a for a in expected if a not in CPP_ONLY[op]] + CPP_ONLY[op] if extra else expected
     assert _schema_args(cpp) == expected, f"{cpp} vs {py}"
+    for a in cpp.arguments:  # the C++-only ones default to "unplanned, auto": callers may omit
+        if (a.name, str(a.type)) in CPP_ONLY[op]:
+            assert a.has_default_value(), f"{op}: {a.name} has no default"
     assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in py.returns]
     assert not cpp.is_mutable and not py.is_mutable
 
@@ -399,18 +515,19 @@ def _check_2x(out, ref64, ref_pt, name, factor=2.0):
     assert err <= factor * pt_err + atol, f"{name}: err {err:.3e} vs torch {pt_err:.3e} + {atol:.1e}"
 
 
-def _gpu_case(shape, dtype, adapter_dtype=None, bias=True, dropout=0.0, needs=(True, True, True)):
+def _gpu_case(shape, dtype, adapter_dtype=None, bias=True, dropout=0.0, needs=(True, True, True),
+              gemm=0):
     M, K, N, R = shape
     x, w, b, a, bb = _args("cuda", dtype, adapter_dtype, M, K, N, R, bias)
     s = 0.75
-    y, xa = C.lora_linear_fwd(x, w, b, a, bb, s, dropout, SEED)
+    y, xa = C.lora_linear_fwd(x, w, b, a, bb, s, dropout, SEED, gemm)
     d64 = [t.double() if t is not None else None for t in (x, w, b, a, bb)]
     y64, xa64 = reference.lora_linear_fwd(*d64, s, dropout, SEED)
     y_pt, xa_pt = reference.lora_linear_fwd(x, w, b, a, bb, s, dropout, SEED)
     _check_2x(y, y64, y_pt, "y")
     _check_2x(xa, xa64, xa_pt, "xa")
     dy = torch.randn(M, N, device="cuda").to(dtype)
-    got = C.lora_linear_bwd(dy, x, w, a, bb, xa, s, dropout, SEED, *needs)
+    got = C.lora_linear_bwd(dy, x, w, a, bb, xa, s, dropout, SEED, *needs, gemm)
     ref64 = reference.lora_linear_bwd(dy.double(), *d64[:2], *d64[3:], xa64, s, dropout, SEED, *needs)
     ref_pt = reference.lora_linear_bwd(dy, x, w, a, bb, xa_pt, s, dropout, SEED, *needs)
     for g, r64, rpt, need, name in zip(got, ref64, ref_pt, needs, ("dx", "dA", "dB")):
@@ -476,25 +593,25 @@ def test_gpu_dropout_mask_matches_cpu(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay():
+def test_gpu_cuda_graph_replay(gemm=0):
     x, w, b, a, bb = _args("cuda", torch.bfloat16, torch.float32, 96, 128, 80, 16)
     dy = torch.randn(96, 80, device="cuda").bfloat16()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up off the capture
-        C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 11)
+        C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 11, gemm)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y, xa = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 11)
-        dx, dA, dB = C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 11, True, True, True)
+        y, xa = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 11, gemm)
+        dx, dA, dB = C.lora_linear_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 11, True, True, True, gemm)
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         dy.copy_(torch.randn_like(dy))
         g.replay()
         torch.cuda.synchronize()
-        y_e, xa_e = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 11)
-        got_e = C.lora_linear_bwd(dy, x, w, a, bb, xa_e, 0.5, 0.1, 11, True, True, True)
+        y_e, xa_e = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.1, 11, gemm)
+        got_e = C.lora_linear_bwd(dy, x, w, a, bb, xa_e, 0.5, 0.1, 11, True, True, True, gemm)
         assert torch.equal(y, y_e) and torch.equal(xa, xa_e)
         for gg, ee in zip((dx, dA, dB), got_e):
             assert torch.equal(gg, ee)  # deterministic kernels: bitwise equal
@@ -535,23 +652,29 @@ def test_gpu_multi_vs_reference(dtype, shape, ranks):
     _multi_check(_multi_args("cuda", dtype, None, M, K, N, 4, R, ranks=ranks), dtype)
 
 
-def _multi_graph_replay(args, dy, new_ids):
+def _multi_graph_replay(args, dy, new_ids, gemm=0, planned=False):
     """Capture fwd + bwd once; replays with new ids and x (read on the device) equal eager
-    runs bit for bit."""
+    runs bit for bit. planned: the routing plan (order, keys) is computed inside the capture
+    too, once, and shared by forward and backward, as the Python routing plan does."""
     x, w, b, a, bb, scales, ids, rk = args
     needs = (True, True, True)
-    C.multi_lora_linear_fwd(*args)
+    S = a.shape[0]
+    plan = (lambda: _routing(ids, S)) if planned else (lambda: (None, None))
+    C.multi_lora_linear_fwd(*args, *plan(), gemm)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y, xa = C.multi_lora_linear_fwd(*args)
-        grads = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa, *needs)
+        order, keys = plan()
+        y, xa = C.multi_lora_linear_fwd(*args, order, keys, gemm)
+        grads = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa, *needs, order, keys,
+                                        gemm)
     for i in range(2):
         ids.copy_(new_ids(i))
         x.copy_(torch.randn_like(x))
         g.replay()
-        y_e, xa_e = C.multi_lora_linear_fwd(*args)
-        grads_e = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa_e, *needs)
+        y_e, xa_e = C.multi_lora_linear_fwd(*args, gemm=gemm)
+        grads_e = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa_e, *needs,
+                                          gemm=gemm)
         assert torch.equal(y, y_e) and torch.equal(xa, xa_e)
         for t, e in zip(grads, grads_e):
             assert torch.equal(t, e)
@@ -565,18 +688,25 @@ def test_gpu_multi_cuda_graph_replay():
                         lambda i: ids.roll(1 + i))
 
 
-def _multi_check(args, dtype, needs=(True, True, True)):
-    """Every output of the CUDA multi ops against fp64, within 2x of the same-dtype reference."""
+def _multi_check(args, dtype, needs=(True, True, True), gemm=0):
+    """Every output of the CUDA multi ops against fp64, within 2x of the same-dtype reference;
+    the outputs with the precomputed routing (order, keys) equal those without, bit for bit."""
     x, w, b, a, bb, scales, ids, rk = args
     M, N = x.shape[0], w.shape[0]
-    y, xa = C.multi_lora_linear_fwd(*args)
+    order, keys = _routing(ids, a.shape[0])
+    y, xa = C.multi_lora_linear_fwd(*args, gemm=gemm)
+    y_p, xa_p = C.multi_lora_linear_fwd(*args, order, keys, gemm)
+    assert torch.equal(y, y_p) and torch.equal(xa, xa_p)
     d64 = [t.double() if t is not None and t.is_floating_point() else t for t in args]
     y64, xa64 = reference.multi_lora_linear_fwd(*d64)
     y_pt, xa_pt = reference.multi_lora_linear_fwd(*args)
     _check_2x(y, y64, y_pt, "y")
     _check_2x(xa, xa64, xa_pt, "xa")
     dy = torch.randn(M, N, device=x.device).to(dtype)
-    got = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa, *needs)
+    got = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa, *needs, gemm=gemm)
+    got_p = C.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa, *needs, order, keys, gemm)
+    for t, tp in zip(got, got_p):
+        assert torch.equal(t, tp)
     ref64 = reference.multi_lora_linear_bwd(dy.double(), *d64[:5], *d64[5:], xa64, *needs)
     ref_pt = reference.multi_lora_linear_bwd(dy, x, w, a, bb, scales, ids, rk, xa_pt, *needs)
     for g, r64, rpt, name in zip(got, ref64, ref_pt, ("dx", "dA", "dB")):
@@ -596,56 +726,73 @@ def test_gpu_multi_many_slots_per_tile(dtype, M, S):
 
 
 @pytest.mark.gpu
-def test_gpu_multi_prefill_cuda_graph_replay():
-    """The prefill path's on-device sort is captured too: new ids replay correctly."""
+@pytest.mark.parametrize("planned", [False, True], ids=["op-sorts", "plan"])
+def test_gpu_multi_prefill_cuda_graph_replay(planned):
+    """The prefill path's on-device sort (or the plan's) is captured too: new ids replay
+    correctly."""
+    _multi_prefill_graph_replay(0, planned)
+
+
+def _multi_prefill_graph_replay(gemm, planned):
     M, S = 150, 6
     args = _multi_args("cuda", torch.bfloat16, None, M, 64, 48, S, 16)
     args[6].copy_(torch.randint(-1, S, (M,), device="cuda"))
     _multi_graph_replay(args, torch.randn(M, 48, device="cuda").bfloat16(),
-                        lambda i: torch.randint(-1, S, (M,), device="cuda"))
+                        lambda i: torch.randint(-1, S, (M,), device="cuda"), gemm, planned)
 
 
-# --- both tensor-core GEMMs (FUSED_LORA_CUDA_GEMM): mma.sync everywhere, wgmma on sm_90a ------
+# --- both tensor-core GEMMs (the ops' gemm argument): mma.sync everywhere, wgmma on sm_90a ---
 
 # (M, K, N, R): BK = 64 edges (K = 64, 700 = 11 stages: every wgmma stage slot reused while its
 # MMAs are in flight), K odd (scalar loads into the swizzled tiles), split-K (M = 20 and 64),
 # ragged tiles, and one training-sized case (2048 x 4096 x 4096).
 GEMM_SHAPES = [(9, 64, 128, 16), (20, 1000, 40, 16), (64, 4096, 4096, 16), (129, 67, 129, 1),
                (257, 700, 256, 16), (300, 136, 700, 33), (2048, 4096, 4096, 16)]
+GEMMS = {"mma": _ext.GEMM_MMA, "wgmma": _ext.GEMM_WGMMA, "wgmma256": _ext.GEMM_WGMMA256}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["mma", "wgmma", "wgmma256"])
+@pytest.mark.parametrize("gemm", list(GEMMS))
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gpu_both_gemms(monkeypatch, gemm, shape, dtype):
+def test_gpu_both_gemms(gemm, shape, dtype):
     if gemm.startswith("wgmma") and not _ext.wgmma_available():
         pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", gemm)
-    _gpu_case(shape, dtype, bias=shape[0] % 2 == 1, dropout=0.2)
+    assert _ext.gemm_choice(GEMMS[gemm]) == GEMMS[gemm]
+    _gpu_case(shape, dtype, bias=shape[0] % 2 == 1, dropout=0.2, gemm=GEMMS[gemm])
     args = list(_multi_args("cuda", dtype, None, shape[0], shape[1], shape[2], 5, shape[3],
                             ranks=False))
-    _multi_check(tuple(args), dtype)
+    _multi_check(tuple(args), dtype, gemm=GEMMS[gemm])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemm", ["wgmma", "wgmma256"])
-def test_gpu_wgmma_graph_replay_and_agreement(monkeypatch, gemm):
+def test_gpu_wgmma_graph_replay_and_agreement(gemm):
     if not _ext.wgmma_available():
         pytest.skip("wgmma needs an sm_90a build on a compute capability 9.0 GPU")
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", gemm)
-    test_gpu_cuda_graph_replay()
-    test_gpu_multi_prefill_cuda_graph_replay()
+    test_gpu_cuda_graph_replay(GEMMS[gemm])
+    _multi_prefill_graph_replay(GEMMS[gemm], planned=True)
     x, w, b, a, bb = _args("cuda", torch.bfloat16, None, 1024, 2048, 1536, 16)
-    y_wg, _ = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1)
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "mma")
-    y_mma, _ = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1)
+    y_wg, _ = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1, GEMMS[gemm])
+    y_mma, _ = C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1, _ext.GEMM_MMA)
     torch.testing.assert_close(y_wg.float(), y_mma.float(), atol=3e-2, rtol=1.6e-2)
 
 
 @pytest.mark.gpu
-def test_gpu_gemm_choice_is_checked(monkeypatch):
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "tensorcores")
+def test_gpu_gemm_choice_is_checked():
     x, w, b, a, bb = _args("cuda", torch.float16, None, 129, 64, 128, 4)
-    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma, wgmma256 or auto"):
-        C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1)
+    for bad in (4, -1):
+        with pytest.raises(RuntimeError, match=GEMM_ERR + str(bad)):
+            C.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 1, bad)
+    dev = torch.cuda.current_device()
+    auto = _ext.gemm_choice(_ext.GEMM_AUTO, dev)
+    assert auto == (_ext.GEMM_WGMMA if _ext.wgmma_available() else _ext.GEMM_MMA)
+    assert _ext.gemm_choice(_ext.GEMM_MMA, dev) == _ext.GEMM_MMA
+    if not _ext.wgmma_available():  # asked for and cannot run: an error naming it, every size
+        for g, name in ((2, "wgmma"), (3, "wgmma256")):
+            for m in (129, 3, 0):  # tensor-core GEMM, GEMV, no launch at all
+                with pytest.raises(RuntimeError, match=rf"gemm={g} \({name}\): the wgmma GEMM "
+                                                       "needs an sm_90a build"):
+                    C.lora_linear_fwd(x[:m], w, b, a, bb, 0.5, 0.0, 1, g)
+            with pytest.raises(RuntimeError, match=rf"gemm={g} \({name}\)"):
+                _ext.gemm_choice(g, dev)

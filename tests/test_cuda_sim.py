@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/ run on CPU under the SIMT emulator (csrc/sim/, fused_lora/_sim.py).
+"""The CUDA kernels of csrc/ run on CPU under the SIMT emulator (tools/simt_emu/).
 
 The same kernel and launcher sources that nvcc builds into fused_lora._C are compiled as host
 C++ (-DFUSED_LORA_SIM): every CUDA thread is a fiber, with __syncthreads, warp collectives,
@@ -29,15 +29,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from _utils import check_op_vs_reference
 from _utils import lora_args as _args
 from _utils import multi_lora_args as _multi_args
+from simt_emu import asan_runtime, build_sim, sim_unavailable_reason
 
 from fused_lora import reference
-from fused_lora._sim import asan_runtime, build_sim, sim_unavailable_reason
 
 _REASON = sim_unavailable_reason()
 if _REASON is not None:
@@ -505,6 +506,7 @@ def test_fiber_stacks_fit(sim):
 # --------------------------------------------------------------------------------------------
 
 IN_ASAN = os.environ.get("FUSED_LORA_SIM_ASAN", "0") == "1"
+_ROOT = Path(__file__).resolve().parent.parent
 # Every kernel, launcher and path once or twice: GEMV / tensor-core / SIMT GEMMs at ragged
 # edges, the backward reductions, the mixed-adapter decode and prefill paths, strided views.
 ASAN_SUBSET = ("((test_fwd or test_bwd) and (5x67 or 257x72) and not bfloat16) or "
@@ -516,15 +518,17 @@ def _asan_env():
     libs = asan_runtime()
     if libs is None:
         pytest.skip("no libasan / libstdc++ of the C++ compiler to preload")
+    # The subprocesses import fused_lora from this checkout and simt_emu from its tools/.
+    path = [str(_ROOT), str(_ROOT / "tools")] + [p for p in [os.environ.get("PYTHONPATH")] if p]
     return dict(os.environ, FUSED_LORA_SIM_ASAN="1", LD_PRELOAD=" ".join(libs),
-                ASAN_OPTIONS="detect_leaks=0")
+                ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=os.pathsep.join(path))
 
 
 @pytest.mark.skipif(IN_ASAN, reason="already under ASan")
 def test_asan_reports_out_of_bounds_reads():
     code = (
         "import torch\n"
-        "from fused_lora._sim import build_sim\n"
+        "from simt_emu import build_sim\n"
         "ops = build_sim()\n"
         "assert ops.is_asan()\n"
         "ops.selftest_oob(torch.zeros(64), 0)\n"
@@ -547,3 +551,29 @@ def test_asan_op_subset():
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )
     assert r.returncode == 0 and " passed" in r.stdout, (r.stdout[-4000:] + r.stderr[-4000:])
+
+
+# --------------------------------------------------------------------------------------------
+# The emulator is development tooling: not in the runtime package
+# --------------------------------------------------------------------------------------------
+
+
+def test_emulator_is_not_in_the_runtime_package():
+    import simt_emu
+
+    import fused_lora
+
+    pkg = Path(fused_lora.__file__).resolve().parent
+    assert Path(simt_emu.__file__).resolve().parent == _ROOT / "tools" / "simt_emu"
+    assert not (pkg / "_sim.py").exists() and not (_ROOT / "csrc" / "sim").exists()
+    for f in pkg.rglob("*.py"):  # nothing of the package imports it
+        text = f.read_text()
+        assert "simt_emu" not in text and "fused_lora._sim" not in text, f
+    setup = (_ROOT / "setup.py").read_text()
+    assert "tools" not in setup.split("setup(", 1)[1], "setup() must not ship tools/"
+    code = ("import sys, fused_lora, fused_lora._ext, fused_lora.ops\n"
+            "bad = [m for m in sys.modules if 'simt_emu' in m or m == 'fused_lora._sim']\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=str(_ROOT))
+    assert r.returncode == 0, r.stderr[-4000:]

@@ -1,6 +1,6 @@
 """The CUDA single-adapter backward (csrc/lora_linear_cuda.cu: bwd_ds_db_kernel /
 bwd_ds_db_simt_kernel + finalize, reduce_m_kernel, the dx GEMM) run on CPU through the SIMT
-emulator (fused_lora._sim, torch.ops.fused_lora_sim) against fused_lora.reference.
+emulator (tools/simt_emu, torch.ops.fused_lora_sim) against fused_lora.reference.
 
 Shapes are chosen for the backward's tiles with the emulator's 4 SMs (FUSED_LORA_SIM_SMS):
   * tensor-core path (fp16/bf16 dY, N % 8 == 0, 16-byte rows): 512-col chunks x 32-row steps,
@@ -21,9 +21,9 @@ import itertools
 import pytest
 import torch
 from _utils import assert_close_2x
+from simt_emu import SimUnavailable, build_sim
 
 from fused_lora import reference
-from fused_lora._sim import SimUnavailable, build_sim
 
 try:
     OPS = build_sim()

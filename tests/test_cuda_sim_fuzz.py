@@ -6,20 +6,21 @@ case, so a failure reproduces by its id) to reach the combinations nobody listed
 tensor-core vs split-K vs SIMT paths, decode vs prefill, vectorized vs scalar loads. Sizes stay
 small (the emulator runs every CUDA thread as a fiber on CPU). Even seeds run the fp16/bf16
 GEMMs on the mma.sync kernel, odd seeds on the Hopper wgmma kernel with 128- or 256-wide tiles
-(FUSED_LORA_CUDA_GEMM).
+(the ops' gemm argument: 1, 2 or 3).
 Tolerance: the 2x rule of tests/test_lora_linear.py.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import torch
 from _utils import check_op_vs_reference
+from simt_emu import build_sim, sim_unavailable_reason
 
 from fused_lora import reference
-from fused_lora._sim import build_sim, sim_unavailable_reason
 
 _REASON = sim_unavailable_reason()
 if _REASON is not None:
@@ -29,9 +30,31 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 N_CASES = 300
 
 
+_GEMM_OPS = ("lora_linear_fwd", "lora_linear_bwd", "multi_lora_linear_fwd",
+             "multi_lora_linear_bwd")
+
+
+class _WithGemm:
+    """torch.ops.fused_lora_sim with gemm=<variant> passed to every op that takes it."""
+
+    def __init__(self, ops, gemm):
+        self._ops, self.gemm = ops, gemm
+
+    def __getattr__(self, name):
+        fn = getattr(self._ops, name)
+        return functools.partial(fn, gemm=self.gemm) if name in _GEMM_OPS else fn
+
+
 @pytest.fixture(scope="module")
-def sim():
+def ops():
     return build_sim()
+
+
+@pytest.fixture
+def sim(ops, request):
+    """The ops with gemm = mma (1), wgmma (2), mma, wgmma256 (3) by seed % 4."""
+    seed = request.node.callspec.params["seed"]
+    return _WithGemm(ops, (1, 2, 1, 3)[seed % 4])
 
 
 def _check(got, ref_fn, args, names):
@@ -70,12 +93,6 @@ def _draw(seed: int) -> dict:
     return dict(rng=rng, M=M, K=K, N=N, R=R, dtype=dtype, adapter_dtype=adapter_dtype,
                 bias=rng.random() < 0.6, dropout=rng.choice([0.0, 0.0, 0.25]),
                 needs=tuple(rng.random() < 0.8 for _ in range(3)))
-
-
-@pytest.fixture(autouse=True)
-def gemm_impl(monkeypatch, request):
-    seed = request.node.callspec.params["seed"]
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", ("mma", "wgmma", "mma", "wgmma256")[seed % 4])
 
 
 @pytest.mark.parametrize("seed", range(N_CASES))

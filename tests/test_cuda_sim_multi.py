@@ -1,5 +1,5 @@
 """The mixed-adapter CUDA kernels (csrc/multi_lora_cuda.cu) run on CPU through the SIMT emulator
-(fused_lora/_sim.py: torch.ops.fused_lora_sim.*) against fused_lora.reference.
+(tools/simt_emu: torch.ops.fused_lora_sim.*) against fused_lora.reference.
 
 What the shapes reach (the emulator reports 4 SMs unless FUSED_LORA_SIM_SMS says otherwise):
 * split-K shrink: decode rows (M < 65) with K >= 512 split K in 256-k passes (2-3 splits here),
@@ -25,7 +25,7 @@ import torch
 from fused_lora import reference
 
 try:
-    from fused_lora._sim import SimUnavailable, build_sim
+    from simt_emu import SimUnavailable, build_sim
 except ImportError as e:  # the emulator is not in this checkout
     pytest.skip(f"SIMT emulator unavailable: {e}", allow_module_level=True)
 
@@ -181,3 +181,72 @@ def test_multi_empty_bank(S, R, M):
     ref = reference.multi_lora_linear_bwd(dy, x, w, A, B, sc, ids, None, xa_r, True, True, True)
     _close(out[0], ref[0], "dx")
     assert out[1].shape == ref[1].shape and out[2].shape == ref[2].shape
+
+
+# ---- the precomputed routing (order, keys: the batch's plan, shared by every layer) -------------
+
+
+def _routing(ids, n_slots):
+    """The plan's (order, keys): the stable argsort of key, key[t] = ids[t] if 0 <= ids[t] <
+    n_slots else -1 (rows without an adapter first), and the sorted keys."""
+    key = torch.where((ids >= 0) & (ids < n_slots), ids, torch.full_like(ids, -1))
+    keys, order = torch.sort(key, stable=True)
+    return order, keys
+
+
+def _sorts(fn) -> int:
+    """aten::sort calls made by fn() (the emulator's ops run on CPU: the profiler sees them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::sort")
+
+
+# decode (M < 65: gathered per row, the backward's segments from the plan) and prefill (M >= 65:
+# the plan's order is the GEMMs' row_map and the tile shrink's rows), fp16 on both GEMMs.
+@pytest.mark.parametrize("gemm", [1, 2], ids=["mma", "wgmma"])
+@pytest.mark.parametrize("case", [(F16, F16, 9, 600, 24, 6, 17, "partial", "mixed", True),
+                                  (BF16, F32, 70, 72, 136, 5, 16, "partial", "mixed", True),
+                                  (F16, F16, 200, 40, 16, 6, 16, "partial", "mixed", False)],
+                         ids=["decode-M9", "prefill-M70", "prefill-M200"])
+def test_routing_plan_matches_unplanned(case, gemm):
+    x, w, b, A, B, scales, ids, ranks = _inputs(*case)
+    M, N, S = x.shape[0], w.shape[0], A.shape[0]
+    order, keys = _routing(ids, S)
+    fwd = (x, w, b, A, B, scales, ids, ranks)
+    y, xa = OPS.multi_lora_linear_fwd(*fwd, gemm=gemm)
+    y_p, xa_p = OPS.multi_lora_linear_fwd(*fwd, order, keys, gemm=gemm)
+    assert torch.equal(y, y_p) and torch.equal(xa, xa_p)  # same kernels, same rows: bit for bit
+    dy = torch.randn(M, N).to(x.dtype)
+    bwd = (dy, x, w, A, B, scales, ids, ranks, xa, True, True, True)
+    got = OPS.multi_lora_linear_bwd(*bwd, gemm=gemm)
+    got_p = OPS.multi_lora_linear_bwd(*bwd, order, keys, gemm=gemm)
+    for g, gp, name in zip(got, got_p, ("dx", "dA", "dB")):
+        assert torch.equal(g, gp), name
+    # With the plan, no sort at all; without it the backward (and the prefill forward) sorts.
+    assert _sorts(lambda: OPS.multi_lora_linear_fwd(*fwd, order, keys, gemm=gemm)) == 0
+    assert _sorts(lambda: OPS.multi_lora_linear_bwd(*bwd, order, keys, gemm=gemm)) == 0
+    assert _sorts(lambda: OPS.multi_lora_linear_bwd(*bwd, gemm=gemm)) == 1
+    assert _sorts(lambda: OPS.multi_lora_linear_fwd(*fwd, gemm=gemm)) == (1 if M >= 65 else 0)
+    # The plan is followed, not recomputed: keys routing every row to no adapter leave the
+    # per-slot reductions nothing to sum (trusted input, see csrc/lora.h).
+    _, dA0, dB0 = OPS.multi_lora_linear_bwd(*bwd, order, torch.full_like(keys, -1), gemm=gemm)
+    assert not dA0.any() and not dB0.any() and got[1].any()
+
+
+def test_routing_plan_checks_name_the_argument():
+    x, w, b, A, B, scales, ids, ranks = _inputs(F32, F32, 70, 37, 9, 3, 17, "full", "mixed", False)
+    order, keys = _routing(ids, 3)
+    fwd = (x, w, b, A, B, scales, ids, ranks)
+    _, xa = OPS.multi_lora_linear_fwd(*fwd)
+    bwd = (torch.randn(70, 9), x, w, A, B, scales, ids, ranks, xa, True, True, True)
+    for op, args in ((OPS.multi_lora_linear_fwd, fwd), (OPS.multi_lora_linear_bwd, bwd)):
+        with pytest.raises(RuntimeError, match=r"order must be int64 \[M=70\], got Long \[69\]"):
+            op(*args, order[:69], keys)
+        with pytest.raises(RuntimeError, match=r"keys must be int64 \[M=70\], got Long \[71\]"):
+            op(*args, order, torch.cat([keys, keys[:1]]))
+        with pytest.raises(RuntimeError, match=r"order must be int64 \[M=70\], got Int"):
+            op(*args, order.int(), keys)
+        with pytest.raises(RuntimeError, match="order and keys must be given together"):
+            op(*args, None, keys)
+        with pytest.raises(RuntimeError, match="order must be contiguous"):
+            op(*args, torch.stack([order, order], 1)[:, 0], keys)

@@ -1,10 +1,10 @@
 """The Hopper GEMM (gemm_wgmma_kernel in csrc/gemm.cu) under the SIMT emulator.
 
-FUSED_LORA_CUDA_GEMM=wgmma (128x128 tiles) or wgmma256 (128x256) makes every fp16/bf16
+The ops' gemm=2 (wgmma, 128x128 tiles) or gemm=3 (wgmma256, 128x256) makes every fp16/bf16
 tensor-core GEMM of the CUDA ops (forward y, dx, mixed-adapter forward and dx) run the wgmma
-kernel instead of the mma.sync one; every test here runs with both. The emulator
-queues each wgmma.mma_async and performs it only when wgmma_wait retires its group, reading the
-128-byte-swizzled shared memory through the decoded descriptors (csrc/sim/simt_emu.cpp), with
+kernel instead of the mma.sync one; every test here runs with both. The emulator queues each
+wgmma.mma_async and performs it only when wgmma_wait retires its group, reading the 128-byte-
+swizzled shared memory through the decoded descriptors (tools/simt_emu/src/simt_emu.cpp), with
 the dynamic shared memory at a shared address that is not 1024-byte aligned. So these tests
 fail for a wrong swizzle or descriptor, unaligned swizzle atoms, a stage overwritten while its
 MMAs are in flight (the pipeline's slot reuse), a wrong accumulator fragment map, and the edge,
@@ -18,12 +18,14 @@ tests in tests/test_cuda_ext.py run both GEMMs), and anything about speed.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from _utils import check_op_vs_reference, lora_args, multi_lora_args
+from simt_emu import build_sim, sim_unavailable_reason
 
 from fused_lora import reference
-from fused_lora._sim import build_sim, sim_unavailable_reason
 
 _REASON = sim_unavailable_reason()
 if _REASON is not None:
@@ -33,17 +35,32 @@ SEED = (4242 << 31) | 99
 DTYPES = [torch.float16, torch.bfloat16]
 
 
+GEMM_MMA, GEMM_WGMMA, GEMM_WGMMA256 = 1, 2, 3  # the ops' `gemm` argument (csrc/lora.h)
+_GEMM_OPS = ("lora_linear_fwd", "lora_linear_bwd", "multi_lora_linear_fwd",
+             "multi_lora_linear_bwd")
+
+
+class _WithGemm:
+    """torch.ops.fused_lora_sim with gemm=<variant> passed to every op that takes it."""
+
+    def __init__(self, ops, gemm):
+        self._ops, self.gemm = ops, gemm
+
+    def __getattr__(self, name):
+        fn = getattr(self._ops, name)
+        return functools.partial(fn, gemm=self.gemm) if name in _GEMM_OPS else fn
+
+
 @pytest.fixture(scope="module")
-def sim():
+def ops():
     return build_sim()
 
 
-@pytest.fixture(autouse=True, params=["wgmma", "wgmma256"])
-def wgmma(monkeypatch, request):
+@pytest.fixture(params=[GEMM_WGMMA, GEMM_WGMMA256], ids=["wgmma", "wgmma256"])
+def sim(ops, request):
     """Every test runs on both tile widths: 128x128 (m64n128k16, the init in registers of its
     own) and 128x256 (m64n256k16, the GEMM tile parked in shared memory for the init)."""
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", request.param)
-    return request.param
+    return _WithGemm(ops, request.param)
 
 
 def _wgmma_count(sim) -> int:
@@ -87,20 +104,24 @@ def test_single(sim, shape, dtype):
     assert _wgmma_count(sim) > before, "the wgmma GEMM did not run"
 
 
-def test_default_is_mma_in_the_emulator(sim, monkeypatch):
-    # auto / unset: mma.sync in the emulator (on a GPU: wgmma where fl_has_wgmma()).
-    for v in ("auto", None):
-        if v is None:
-            monkeypatch.delenv("FUSED_LORA_CUDA_GEMM")
-        else:
-            monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", v)
-        before = sim.sim_stats()
+def test_default_is_mma_in_the_emulator(ops):
+    # gemm=0 (auto, also the schema default) and 1: mma.sync in the emulator (on a GPU, auto is
+    # wgmma where fl_has_wgmma()); gemm_choice says the same.
+    for sim in (_WithGemm(ops, 0), _WithGemm(ops, GEMM_MMA), ops):
+        before = ops.sim_stats()
         _fwd_bwd(sim, *lora_args(torch.float16, 129, 64, 128, 4))
-        after = sim.sim_stats()
+        after = ops.sim_stats()
         assert after[6] == before[6] and after[5] > before[5]
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "tensorcores")
-    with pytest.raises(RuntimeError, match="FUSED_LORA_CUDA_GEMM must be mma, wgmma, wgmma256 or auto"):
-        _fwd_bwd(sim, *lora_args(torch.float16, 129, 64, 128, 4))
+    assert [ops.gemm_choice(g, 0) for g in (0, 1, 2, 3)] == [1, 1, 2, 3]
+    for bad in (4, -1):
+        with pytest.raises(RuntimeError, match=r"gemm must be 0 \(auto\), 1 \(mma\), 2 "
+                                               r"\(wgmma\) or 3 \(wgmma256\), got " + str(bad)):
+            _fwd_bwd(_WithGemm(ops, bad), *lora_args(torch.float16, 129, 64, 128, 4))
+        with pytest.raises(RuntimeError, match="gemm must be"):
+            ops.gemm_choice(bad, 0)
+    # M = 0: no launch at all, and still the same error (checked before any size test)
+    with pytest.raises(RuntimeError, match="gemm must be"):
+        _WithGemm(ops, 9).lora_linear_fwd(*lora_args(torch.float16, 0, 64, 128, 4), 0.5, 0.0, 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -147,14 +168,13 @@ def test_multi(sim, shape, dtype):
     assert _wgmma_count(sim) > before
 
 
-def test_matches_mma_kernel_closely(sim, monkeypatch):
+def test_matches_mma_kernel_closely(sim, ops):
     # Same operands through both GEMMs: fp32 accumulation of exact fp16 products in a different
     # order (init added last here), so the outputs agree to a rounding of the output dtype.
     x, w, b, a, bb = lora_args(torch.float16, 257, 700, 256, 16)
     args = (x, w, b, a, bb, 0.7, 0.0, SEED)
     y_wg, _ = sim.lora_linear_fwd(*args)
-    monkeypatch.setenv("FUSED_LORA_CUDA_GEMM", "mma")
-    y_mma, _ = sim.lora_linear_fwd(*args)
+    y_mma, _ = ops.lora_linear_fwd(*args, gemm=GEMM_MMA)
     torch.testing.assert_close(y_wg, y_mma, atol=2e-3, rtol=2e-3)
 
 

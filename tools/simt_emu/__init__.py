@@ -1,7 +1,11 @@
-"""JIT build of the SIMT emulator extension ``fused_lora_sim`` (csrc/sim/).
+"""JIT build of the SIMT emulator extension ``fused_lora_sim`` (tools/simt_emu/src/).
+
+Development tooling, not part of the fused_lora package (setup.py does not install it and
+nothing in fused_lora/ imports it): the tests import it as ``simt_emu`` with tools/ on sys.path
+(tests/conftest.py). It needs a source checkout: it compiles the repository's csrc/.
 
 The CUDA kernels and launchers of csrc/ (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu) are
-compiled as plain host C++ with ``-DFUSED_LORA_SIM``: csrc/sim/simt_emu.h runs every CUDA thread
+compiled as plain host C++ with ``-DFUSED_LORA_SIM``: src/simt_emu.h runs every CUDA thread
 of a block as a fiber, with barriers, warp collectives, cp.async, ldmatrix and mma.sync emulated
 from the PTX ISA, so CPU CI executes every CUDA kernel (tests/test_cuda_sim.py). Only the CUDA
 toolkit's *headers* are needed (cuda_fp16.h, cuda_bf16.h, vector_types.h), no nvcc and no GPU.
@@ -31,6 +35,7 @@ __all__ = [
     "asan_runtime",
     "build_sim",
     "csrc_dir",
+    "src_dir",
     "find_cuda_include",
     "sim_unavailable_reason",
 ]
@@ -72,13 +77,18 @@ def find_cuda_include() -> Optional[str]:
     return None
 
 
+def src_dir() -> Path:
+    """The emulator's own sources (sim_ops.cpp, simt_emu.cpp, simt_emu.h)."""
+    return Path(__file__).resolve().parent / "src"
+
+
 def csrc_dir() -> Path:
-    """csrc/ of the source checkout this package was imported from (an editable install)."""
-    d = Path(__file__).resolve().parent.parent / "csrc"
-    if not (d / "sim" / "sim_ops.cpp").exists():
+    """csrc/ of the source checkout this tool lives in (tools/simt_emu/ -> ../../csrc)."""
+    d = Path(__file__).resolve().parent.parent.parent / "csrc"
+    if not (d / "gemm.cu").exists() or not (src_dir() / "sim_ops.cpp").exists():
         raise SimUnavailable(
-            f"the SIMT emulator needs a source checkout of fused_lora (csrc/ next to the package); "
-            f"{d} has no sim/sim_ops.cpp (a non-editable install?)"
+            f"the SIMT emulator needs a source checkout of fused_lora: {d} has no gemm.cu or "
+            f"{src_dir()} no sim_ops.cpp"
         )
     return d
 
@@ -188,14 +198,14 @@ def build_sim(verbose: bool = False, asan: Optional[bool] = None):
         raise _ERRORS[key]
     from torch.utils import cpp_extension
 
-    csrc = csrc_dir()
+    csrc, src = csrc_dir(), src_dir()
     inc = find_cuda_include()
-    sources = [csrc / "sim" / "sim_ops.cpp", csrc / "sim" / "simt_emu.cpp"]
+    sources = [src / "sim_ops.cpp", src / "simt_emu.cpp"]
     flags = _flags(asan)
-    # Everything the translation units include from csrc/, plus flags and versions.
+    # Everything the translation units include from csrc/ and src/, plus flags and versions.
     h = hashlib.sha256()
     deps = sorted(set(csrc.glob("*.cu")) | set(csrc.glob("*.cuh")) | set(csrc.glob("*.h"))
-                  | set((csrc / "sim").glob("*")))
+                  | set(src.glob("*")))
     for p in deps:
         if p.is_file():
             h.update(p.name.encode())
@@ -213,7 +223,7 @@ def build_sim(verbose: bool = False, asan: Optional[bool] = None):
         sources=[str(s) for s in sources],
         extra_cflags=flags,
         extra_ldflags=ldflags,
-        extra_include_paths=[inc, str(csrc)],
+        extra_include_paths=[inc, str(csrc), str(src)],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,

@@ -2,17 +2,18 @@
 // translation unit: torch.ops.fused_lora_sim.{lora_linear_fwd, lora_linear_bwd,
 // multi_lora_linear_fwd, multi_lora_linear_bwd} run them on CPU tensors (same arguments as
 // torch.ops.fused_lora_C.*), plus self-test ops that check the emulator itself
-// (tests/test_cuda_sim.py). Built by fused_lora/_sim.py; never part of setup.py's build.
+// (tests/test_cuda_sim.py). Built by tools/simt_emu (csrc/ on the include path); never part of
+// setup.py's build nor of the installed package.
 #define FUSED_LORA_SIM 1
 
-#include "../lora.h"
+#include "lora.h"
 
 #ifndef FL_SIM_NO_KERNELS  // -DFL_SIM_NO_KERNELS: the emulator's self-tests only
-#include "../gemm.cu"
-#include "../lora_linear_cuda.cu"
-#include "../multi_lora_cuda.cu"
+#include "gemm.cu"
+#include "lora_linear_cuda.cu"
+#include "multi_lora_cuda.cu"
 #else
-#include "../cuda_common.cuh"
+#include "cuda_common.cuh"
 #endif
 
 #include <stdexcept>
@@ -458,6 +459,9 @@ TORCH_LIBRARY(fused_lora_sim, m) {
   m.def(fused_lora::kBwdSchema);
   m.def(fused_lora::kMultiFwdSchema);
   m.def(fused_lora::kMultiBwdSchema);
+#ifndef FL_SIM_NO_KERNELS
+  m.def(fused_lora::kGemmChoiceSchema, &fused_lora::gemm_choice);  // the emulator is device 0
+#endif
   m.def("selftest_warp(Tensor x) -> Tensor", &fused_lora::simtest::selftest_warp);
   m.def("selftest_gemm(Tensor a, Tensor b, int mode, int bug) -> Tensor",
         &fused_lora::simtest::selftest_gemm);

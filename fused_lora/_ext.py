@@ -182,39 +182,27 @@ def multi_lora_linear_bwd(
 
 def _register_fakes() -> None:
     """Fake (meta) kernels for the C++ ops, so FakeTensor / torch.compile / opcheck can trace
-    them directly (the fused_lora::* Python ops have their own)."""
-    from fused_lora.reference import acc_dtype
+    them directly: the same shape functions as the fused_lora::* ops' fakes (fused_lora.ops)."""
+    from fused_lora.ops import fake_bwd, fake_lora_fwd, fake_multi_fwd
 
     @torch.library.register_fake("fused_lora_C::lora_linear_fwd")
     def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, gemm=0):
-        M = x.shape[0]
-        return x.new_empty(M, weight.shape[0]), x.new_empty(
-            M, lora_A.shape[0], dtype=acc_dtype(x.dtype)
-        )
+        return fake_lora_fwd(x, weight, lora_A)
 
     @torch.library.register_fake("fused_lora_C::lora_linear_bwd")
     def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB,
           gemm=0):
-        dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-        dA = lora_A.new_empty(lora_A.shape) if needs_dA else lora_A.new_empty(0)
-        dB = lora_B.new_empty(lora_B.shape) if needs_dB else lora_B.new_empty(0)
-        return dx, dA, dB
+        return fake_bwd(x, lora_A, lora_B, needs_dx, needs_dA, needs_dB)
 
     @torch.library.register_fake("fused_lora_C::multi_lora_linear_fwd")
     def _(x, weight, bias, lora_A, lora_B, scales, adapter_ids, ranks, order=None, keys=None,
           gemm=0):
-        M = x.shape[0]
-        return x.new_empty(M, weight.shape[0]), x.new_empty(
-            M, lora_A.shape[1], dtype=acc_dtype(x.dtype)
-        )
+        return fake_multi_fwd(x, weight, lora_A)
 
     @torch.library.register_fake("fused_lora_C::multi_lora_linear_bwd")
     def _(dy, x, weight, lora_A, lora_B, scales, adapter_ids, ranks, xa, needs_dx, needs_dA,
           needs_dB, order=None, keys=None, gemm=0):
-        dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-        dA = lora_A.new_empty(lora_A.shape) if needs_dA else lora_A.new_empty(0)
-        dB = lora_B.new_empty(lora_B.shape) if needs_dB else lora_B.new_empty(0)
-        return dx, dA, dB
+        return fake_bwd(x, lora_A, lora_B, needs_dx, needs_dA, needs_dB)
 
 
 if _ERROR is None:

@@ -133,3 +133,114 @@ def moe_lora_linear(
     with no_autocast:
         y, _ = ops.moe_lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, scale, p, seed_t, plan.data, impl)
     return _unflatten(y, torch.Size(lead))
+
+
+# --------------------------------------------------------------------------------------------
+# MoELoRAExperts: transformers' fused experts module (Qwen3-MoE, Mixtral, ...) with LoRA
+# --------------------------------------------------------------------------------------------
+
+_PROJS = ("gate_up_proj", "down_proj")
+
+
+class MoELoRAExperts(torch.nn.Module):
+    """A drop-in replacement of transformers 5's fused experts module (``Qwen3MoeExperts``,
+    ``MixtralExperts``: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], each applied as
+    ``F.linear(x, W[e])``) with a LoRA adapter per expert on the targeted projections.
+
+    forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H], as the
+    original: every (token, choice) pair is one row routed to its expert; gate_up with LoRA,
+    ``act(gate) * up``, down with LoRA, rows weighted by their routing weight and summed per
+    token. One routing plan per call is shared by both projections and their backward. Ids
+    equal to E (transformers' padding expert) contribute nothing, as in the original.
+
+    The base weights are the original module's parameters (same names: state dicts load as
+    before), frozen. LoRA: ``lora_A_<proj>`` [E, r, in] (kaiming-uniform, as PEFT),
+    ``lora_B_<proj>`` [E, out, r] (zeros: at creation outputs equal the original module's).
+    A projection that is not targeted runs the same op with a frozen rank-1 zero adapter (a
+    buffer): 1/in of the projection's extra work, one code path."""
+
+    def __init__(self, base: torch.nn.Module, *, r: int, lora_alpha: float, targets=_PROJS,
+                 dropout: float = 0.0, backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        targets = tuple(targets)
+        for t in targets:
+            if t not in _PROJS:
+                raise ValueError(f"targets must be among {_PROJS}, got {t!r}")
+        for p in _PROJS:
+            w = getattr(base, p, None)
+            if not isinstance(w, Tensor) or w.dim() != 3:
+                raise TypeError(f"base must have a 3-D {p} parameter [E, out, in] (transformers' fused "
+                                f"experts), got {type(base).__name__}")
+        if getattr(base, "is_transposed", False):
+            raise ValueError("base stores transposed experts (is_transposed=True): not supported yet")
+        self.num_experts = base.gate_up_proj.shape[0]
+        self.act_fn = base.act_fn
+        self.r, self.lora_alpha, self.scaling = r, float(lora_alpha), float(lora_alpha) / r
+        self.dropout, self.targets = float(dropout), targets
+        self.backend = backends.check_name("moe_lora_linear", backend)
+        for p in _PROJS:
+            w = getattr(base, p)
+            w.requires_grad_(False)
+            self.register_parameter(p, w if isinstance(w, torch.nn.Parameter)
+                                    else torch.nn.Parameter(w, requires_grad=False))
+            E, out_f, in_f = w.shape
+            if p in targets:
+                a = torch.empty(E, r, in_f, dtype=w.dtype, device=w.device)
+                for e in range(E):
+                    torch.nn.init.kaiming_uniform_(a[e], a=5 ** 0.5)
+                self.register_parameter(f"lora_A_{p}", torch.nn.Parameter(a))
+                self.register_parameter(f"lora_B_{p}", torch.nn.Parameter(
+                    torch.zeros(E, out_f, r, dtype=w.dtype, device=w.device)))
+            else:
+                self.register_buffer(f"lora_A_{p}", torch.zeros(E, 1, in_f, dtype=w.dtype, device=w.device))
+                self.register_buffer(f"lora_B_{p}", torch.zeros(E, out_f, 1, dtype=w.dtype, device=w.device))
+
+    def _proj(self, name: str, x: Tensor, plan: RoutingPlan) -> Tensor:
+        return moe_lora_linear(x, getattr(self, name), getattr(self, f"lora_A_{name}"),
+                               getattr(self, f"lora_B_{name}"), self.scaling, plan,
+                               dropout_p=self.dropout if name in self.targets else 0.0,
+                               training=self.training, backend=self.backend)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        T, k = top_k_index.shape
+        E = self.num_experts
+        ids = top_k_index.reshape(-1).to(torch.int64)
+        ids = torch.where(ids < E, ids, -1)  # expert E: transformers' padding slot, skipped
+        tok = torch.arange(T, device=hidden_states.device).repeat_interleave(k)  # row j = (j // k, j % k)
+        plan = moe_routing_plan(ids, E)  # one plan: both projections and the backward
+        x = hidden_states[tok]
+        gate, up = self._proj("gate_up_proj", x, plan).chunk(2, dim=-1)
+        h = self._proj("down_proj", self.act_fn(gate) * up, plan)
+        h = h * top_k_weights.reshape(-1, 1)
+        out = torch.zeros_like(hidden_states)
+        return out.index_add_(0, tok, h.to(out.dtype))
+
+
+def inject_moe_lora(model: torch.nn.Module, target_parameters=("mlp.experts.gate_up_proj",
+                    "mlp.experts.down_proj"), *, r: int = 8, lora_alpha: float = 16.0,
+                    dropout: float = 0.0, backend: str = "auto") -> list[str]:
+    """Replace every fused experts module of ``model`` whose parameter matches one of
+    ``target_parameters`` (PEFT's ``target_parameters`` naming: a suffix of the parameter's full
+    name, e.g. "mlp.experts.gate_up_proj") by a :class:`MoELoRAExperts` with LoRA on the matched
+    projections. Freezes nothing else. Returns the replaced modules' names (ValueError when
+    nothing matched)."""
+    targets: dict[str, list[str]] = {}
+    for pname, _ in model.named_parameters():
+        mod, _, leaf = pname.rpartition(".")
+        if leaf in _PROJS and any(pname == t or pname.endswith("." + t) for t in target_parameters):
+            targets.setdefault(mod, []).append(leaf)
+    if not targets:
+        raise ValueError(f"target_parameters {list(target_parameters)} matched no fused experts parameter "
+                         "(expected names ending in gate_up_proj / down_proj)")
+    for mod, leaves in targets.items():
+        parent_name, _, child = mod.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, MoELoRAExperts(base, r=r, lora_alpha=lora_alpha, targets=leaves,
+                                              dropout=dropout, backend=backend))
+    return sorted(targets)
+
+
+__all__ += ["MoELoRAExperts", "inject_moe_lora"]

@@ -257,3 +257,61 @@ def test_double_backward_and_base_grads_on_reference_path():
         (x, w, b, A, B))
     torch.autograd.gradgradcheck(
         lambda x_, A_: fused_lora.moe_lora_linear(x_, w, A_, B, 0.5, ids, bias=b, backend="torch"), (x, A))
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def _tiny_qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                         max_position_embeddings=64)
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_moe_experts_equal_original_with_zero_lora_B_and_train(backend):
+    from fused_lora.moe import MoELoRAExperts, inject_moe_lora
+
+    model = _tiny_qwen3_moe()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    names = inject_moe_lora(model, r=4, lora_alpha=8, backend=backend)
+    assert names == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    experts = model.get_submodule(names[0])
+    assert isinstance(experts, MoELoRAExperts)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    # LoRA trains: gradients reach both projections' adapters of the experts that got rows.
+    logits = model(ids).logits
+    logits.square().mean().backward()
+    assert experts.lora_B_gate_up_proj.grad.abs().sum() > 0
+    assert experts.lora_B_down_proj.grad.abs().sum() > 0
+    assert experts.gate_up_proj.grad is None
+
+
+def test_moe_experts_with_lora_match_a_per_expert_loop():
+    """Non-zero LoRA: the module equals transformers' own expert loop run on W + s B A."""
+    from fused_lora.moe import MoELoRAExperts
+
+    model = _tiny_qwen3_moe()
+    base = model.model.layers[0].mlp.experts
+    orig_gu, orig_d = base.gate_up_proj.detach().clone(), base.down_proj.detach().clone()
+    m = MoELoRAExperts(base, r=4, lora_alpha=8, backend="torch")
+    with torch.no_grad():
+        m.lora_B_gate_up_proj.normal_()
+        m.lora_B_down_proj.normal_()
+    h = torch.randn(9, 32)
+    idx = torch.randint(0, 4, (9, 2))
+    w = torch.rand(9, 2)
+    y = m(h, idx, w)
+    with torch.no_grad():  # the delta weight, materialised here only as the test's reference
+        base.gate_up_proj.copy_(orig_gu + m.scaling * m.lora_B_gate_up_proj @ m.lora_A_gate_up_proj)
+        base.down_proj.copy_(orig_d + m.scaling * m.lora_B_down_proj @ m.lora_A_down_proj)
+    torch.testing.assert_close(y, type(base).forward(base, h, idx, w), rtol=1e-4, atol=1e-4)

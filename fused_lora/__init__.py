@@ -45,3 +45,4 @@ __all__ = [
     "save_peft_adapter", "from_peft", "load_peft_adapters_multi", "adapter_ids",
     "__version__",
 ]
+from fused_lora.moe import moe_lora_linear  # noqa: E402,F401  (issue 12: LoRA on MoE experts)

@@ -152,3 +152,51 @@ def check_multi_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
                      "scales": scales, "ranks": ranks, "plan": plan})
     _check_dtypes(x, weight, bias, lora_A, lora_B)
     _check_grads_io(x, out_f, r_max, dy, xa)
+
+
+def check_moe_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                     plan: Optional[Tensor], *, dy: Optional[Tensor] = None, xa: Optional[Tensor] = None,
+                     x_ndim: Optional[int] = 2) -> None:
+    """Mixture of experts: x [M, in] (any leading dims with x_ndim=None), weight [E, out, in]
+    (any strides: a transposed view of an [E, in, out] tensor is read in place), bias [E, out],
+    lora_A [E, r, in], lora_B [E, out, r], plan a routing-plan tensor for x's rows over E
+    experts (None: not checked); backward's dy [M, out] and xa [M, r]."""
+    check_tensor("x", x, x_ndim)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-d tensor")
+    check_tensor("weight", weight, 3)
+    E, out_f, in_f = weight.shape
+    if E < 1:
+        raise ValueError(f"weight must hold at least one expert [E, out, in], got {tuple(weight.shape)}")
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"x's last dim ({x.shape[-1]}) must equal weight's in_features (weight is [E, out, in] = "
+            f"{tuple(weight.shape)})"
+        )
+    check_tensor("lora_A", lora_A, 3)
+    check_tensor("lora_B", lora_B, 3)
+    r = lora_A.shape[1]
+    if lora_A.shape[0] != E or lora_A.shape[2] != in_f:
+        raise ValueError(f"lora_A must be [E={E}, r, in_features={in_f}], got {tuple(lora_A.shape)}")
+    if r < 1:
+        raise ValueError(f"rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (E, out_f, r):
+        raise ValueError(f"lora_B must be [E={E}, out_features={out_f}, r={r}], got {tuple(lora_B.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, 2)
+        if tuple(bias.shape) != (E, out_f):
+            raise ValueError(f"bias must be [E={E}, out_features={out_f}], got {tuple(bias.shape)}")
+    if plan is not None:
+        from fused_lora.routing import sizes
+
+        S, T = sizes(x.shape[0], E)
+        n = 3 * x.shape[0] + 3 * S + 3 * T
+        if plan.dtype != torch.int64 or plan.dim() != 1 or plan.shape[0] != n or plan.stride(0) != 1:
+            raise ValueError(
+                f"plan must be the int64 data of a RoutingPlan for M={x.shape[0]} rows over "
+                f"E={E} experts ({n} contiguous elements), got {plan.dtype} of shape "
+                f"{tuple(plan.shape)}, stride {tuple(plan.stride())}"
+            )
+    _same_device(x, {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B, "plan": plan})
+    _check_dtypes(x, weight, bias, lora_A, lora_B)
+    _check_grads_io(x, out_f, r, dy, xa)

@@ -279,3 +279,132 @@ def _multi_lora_backward(ctx, dy, _dxa):
 
 
 multi_lora_linear_fwd.register_autograd(_multi_lora_backward, setup_context=_multi_lora_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# fused_lora::moe_lora_linear_fwd / moe_lora_linear_bwd -- mixture of experts, one per row
+# --------------------------------------------------------------------------------------------
+
+from fused_lora.checks import check_moe_shapes  # noqa: E402  (appended section: keeps merges clean)
+
+__all__ += ["moe_lora_linear_fwd", "moe_lora_linear_bwd"]
+
+
+@torch.library.custom_op("fused_lora::moe_lora_linear_fwd", mutates_args=(), device_types=_DEVICES)
+def moe_lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    plan: Tensor,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    """y[m] = x[m] W[e]^T + b[e] + scale * (drop(x[m]) A[e]^T) B[e]^T, e = the expert of row m in
+    ``plan`` (a RoutingPlan's ``data`` for x's M rows over E = weight.shape[0] experts), on
+    x [M, in], weight [E, out, in] (any strides), bias [E, out], lora_A [E, r, in],
+    lora_B [E, out, r].
+
+    Returns (y [M, out] in x.dtype, xa = drop(x) A[e]^T [M, r] fp32 (fp64 for fp64 x), which
+    backward needs). Rows of no expert (unvalidated out-of-range ids) get y = 0."""
+    check_moe_shapes(x, weight, bias, lora_A, lora_B, plan)
+    k = backends.kernel("moe_lora_linear", impl)
+    view = routing.unpack(plan, x.shape[0], weight.shape[0])
+    return k.fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_value(seed), view)
+
+
+@moe_lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, impl):
+    check_moe_shapes(x, weight, bias, lora_A, lora_B, plan)
+    M = x.shape[0]
+    return x.new_empty(M, weight.shape[1]), x.new_empty(M, lora_A.shape[1], dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("fused_lora::moe_lora_linear_bwd", mutates_args=(), device_types=_DEVICES)
+def moe_lora_linear_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    plan: Tensor,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dA [E, r, in], dB [E, out, r]) for moe_lora_linear_fwd; experts without rows get
+    exact zeros; a gradient not asked for is an empty tensor. Routing: the forward's plan."""
+    check_moe_shapes(x, weight, None, lora_A, lora_B, plan, dy=dy, xa=xa)
+    k = backends.kernel("moe_lora_linear", impl)
+    view = routing.unpack(plan, x.shape[0], weight.shape[0])
+    return k.bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed_value(seed), view,
+                 needs_dx, needs_dA, needs_dB)
+
+
+@moe_lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB, impl):
+    check_moe_shapes(x, weight, None, lora_A, lora_B, plan, dy=dy, xa=xa)
+    return fake_bwd(x, lora_A, lora_B, needs_dx, needs_dA, needs_dB)
+
+
+def _moe_base_grads(dy: Tensor, x: Tensor, weight: Tensor, ids: Tensor, need_dw: bool, need_db: bool
+                    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Per-expert base weight / bias gradients, dW[e] = dy[rows]^T x[rows], db[e] = sum dy[rows].
+    The base is frozen in LoRA; if a caller does train it, this is a loop over the experts
+    present (one host sync; unfused: never the hot path)."""
+    if not (need_dw or need_db):
+        return None, None
+    acc = acc_dtype(x.dtype)
+    E = weight.shape[0]
+    dW = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_dw else None
+    db = torch.zeros(E, dy.shape[1], dtype=acc, device=x.device) if need_db else None
+    for e in reference._moe_experts(ids, E):
+        rows = (ids == e).nonzero(as_tuple=True)[0]
+        g = dy[rows].to(acc)
+        if dW is not None:
+            dW[e] = g.t() @ x[rows].to(acc)
+        if db is not None:
+            db[e] = g.sum(0)
+    return (dW.to(weight.dtype) if dW is not None else None,
+            db.to(dy.dtype) if db is not None else None)
+
+
+def _moe_lora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, impl = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, xa, seed, plan)
+    ctx.scale, ctx.dropout_p, ctx.impl = scale, dropout_p, impl
+
+
+def _moe_lora_backward(ctx, dy, _dxa):
+    x, weight, bias, lora_A, lora_B, xa, seed, plan = ctx.saved_tensors
+    nx, nw, nb, nA, nB = ctx.needs_input_grad[:5]
+    ids = routing.unpack(plan, x.shape[0], weight.shape[0]).ids
+    if torch.is_grad_enabled():  # create_graph=True: differentiable formulas, on the inputs
+        y = reference.moe_lora_linear(x, weight, bias, lora_A, lora_B, ctx.scale, ids, ctx.dropout_p,
+                                      seed_value(seed))
+        want = [t for t, n in zip((x, weight, bias, lora_A, lora_B), (nx, nw, nb, nA, nB)) if n]
+        g = iter(torch.autograd.grad(y, want, dy, create_graph=True, allow_unused=True))
+        out = [next(g) if n else None for n in (nx, nw, nb, nA, nB)]
+        return (*out, None, None, None, None, None)
+    dx = dA = dB = None
+    if nx or nA or nB:
+        dx, dA, dB = moe_lora_linear_bwd(
+            dy, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed, plan, nx, nA, nB, ctx.impl,
+        )
+        dx = dx if nx else None
+        dA = dA if nA else None
+        dB = dB if nB else None
+    dW, db = _moe_base_grads(dy, x, weight, ids, nw, nb and bias is not None)
+    return dx, dW, db, dA, dB, None, None, None, None, None
+
+
+moe_lora_linear_fwd.register_autograd(_moe_lora_backward, setup_context=_moe_lora_setup_context)

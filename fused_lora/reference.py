@@ -346,3 +346,127 @@ def multi_lora_linear(
         rows.append(yt)
     y = torch.stack(rows) if rows else x2d.new_zeros(0, weight.shape[0], dtype=acc)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture of experts: y[m] = x[m] W[e]^T + b[e] + s (drop(x[m]) A[e]^T) B[e]^T, e = expert_ids[m]
+# (W [E, out, in], b [E, out], A [E, r, in], B [E, out, r]); rows with an id outside [0, E)
+# belong to no expert: their y / dx rows are 0 (reachable only with an unvalidated plan).
+# --------------------------------------------------------------------------------------------
+
+
+def _moe_experts(ids: Tensor, n_experts: int) -> list[int]:
+    """The experts present in ``ids`` (one host sync; the reference is the eager CPU path)."""
+    ids = ids.to(torch.int64)
+    return torch.unique(ids[(ids >= 0) & (ids < n_experts)]).tolist()
+
+
+def moe_lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    expert_ids: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """MoE forward on 2-D x [M, in], ids [M]: a loop over the experts present, accumulating in
+    fp32 (fp64 for fp64 x). Returns (y [M, out] in x's dtype, xa = drop(x) A[e]^T [M, r] in the
+    accumulation dtype, 0 on rows of no expert; backward needs it)."""
+    acc = acc_dtype(x.dtype)
+    M = x.shape[0]
+    E, N = weight.shape[0], weight.shape[1]
+    ids = expert_ids.reshape(-1).to(torch.int64)
+    y = torch.zeros(M, N, dtype=acc, device=x.device)
+    xa = torch.zeros(M, lora_A.shape[1], dtype=acc, device=x.device)
+    xd = _dropped(x, dropout_p, seed, acc)
+    for e in _moe_experts(ids, E):
+        rows = (ids == e).nonzero(as_tuple=True)[0]
+        ye = x[rows].to(acc) @ weight[e].to(acc).t()
+        if bias is not None:
+            ye = ye + bias[e].to(acc)
+        xs = xd[rows] @ lora_A[e].to(acc).t()
+        xa[rows] = xs
+        y[rows] = ye + scale * (xs @ lora_B[e].to(acc).t())
+    return y.to(x.dtype), xa
+
+
+def moe_lora_linear_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    expert_ids: Tensor,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MoE backward: (dx, dA [E, r, in], dB [E, out, r]); experts without rows get exact zeros,
+    a gradient not asked for is an empty tensor.
+
+    ds = s dy B[e]; dx = dy W[e] + drop'(ds A[e]); dA[e] = ds^T drop(x); dB[e] = s dy^T xa."""
+    acc = acc_dtype(x.dtype)
+    E = weight.shape[0]
+    ids = expert_ids.reshape(-1).to(torch.int64)
+    dyf = dy.to(acc)
+    dxf = torch.zeros(x.shape, dtype=acc, device=x.device) if needs_dx else None
+    dA = torch.zeros(lora_A.shape, dtype=acc, device=x.device) if needs_dA else None
+    dB = torch.zeros(lora_B.shape, dtype=acc, device=x.device) if needs_dB else None
+    keep = None
+    if dropout_p != 0.0 and needs_dx:
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
+    xd = _dropped(x, dropout_p, seed, acc) if needs_dA else None
+    for e in _moe_experts(ids, E):
+        rows = (ids == e).nonzero(as_tuple=True)[0]
+        g = dyf[rows]
+        ds = scale * (g @ lora_B[e].to(acc))
+        if dxf is not None:
+            dxl = ds @ lora_A[e].to(acc)
+            if keep is not None:
+                dxl = torch.where(keep[rows], dxl * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc))
+            dxf[rows] = g @ weight[e].to(acc) + dxl
+        if dA is not None:
+            dA[e] = ds.t() @ xd[rows]
+        if dB is not None:
+            dB[e] = scale * (g.t() @ xa[rows].to(acc))
+    dx = dxf.to(x.dtype) if dxf is not None else x.new_empty(0)
+    dA_out = dA.to(lora_A.dtype) if dA is not None else lora_A.new_empty(0)
+    dB_out = dB.to(lora_B.dtype) if dB is not None else lora_B.new_empty(0)
+    return dx, dA_out, dB_out
+
+
+def moe_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale,
+    expert_ids: Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    """Differentiable MoE reference on 2-D x [M, in] (plain autograd: double backward, forward
+    AD, a scale tensor's gradient; gradients reach every floating input). Reads the ids on the
+    host (eager only)."""
+    acc = acc_dtype(x.dtype)
+    ids = expert_ids.reshape(-1).to(torch.int64)
+    E, N = weight.shape[0], weight.shape[1]
+    xf = x.to(acc)
+    xd = _dropped(x, dropout_p, seed, acc)
+    y = torch.zeros(x.shape[0], N, dtype=acc, device=x.device)
+    for e in _moe_experts(ids, E):
+        rows = (ids == e).to(acc)[:, None]  # [M, 1]: this expert's rows
+        ye = xf @ weight[e].to(acc).t()
+        if bias is not None:
+            ye = ye + bias[e].to(acc)
+        ye = ye + scale * ((xd @ lora_A[e].to(acc).t()) @ lora_B[e].to(acc).t())
+        y = y + rows * ye
+    return y.to(x.dtype)

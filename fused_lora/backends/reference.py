@@ -22,3 +22,16 @@ register_kernel("lora_linear", "torch", fwd=R.lora_linear_fwd, bwd=R.lora_linear
                 doc="PyTorch reference")
 register_kernel("multi_lora_linear", "torch", fwd=_multi_fwd, bwd=_multi_bwd, dtypes=ALL_DTYPES,
                 doc="PyTorch reference (a loop over the slots present)")
+
+
+def _moe_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan):
+    return R.moe_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan.ids)
+
+
+def _moe_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB):
+    return R.moe_lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan.ids,
+                                 needs_dx, needs_dA, needs_dB)
+
+
+register_kernel("moe_lora_linear", "torch", fwd=_moe_fwd, bwd=_moe_bwd, dtypes=ALL_DTYPES,
+                doc="PyTorch reference (a loop over the experts present)")

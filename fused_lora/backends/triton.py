@@ -42,3 +42,8 @@ for _path in (None, "decode", "prefill", "hybrid"):
         bwd=functools.partial(ML.multi_lora_linear_bwd, path=_path),
         reason=_reason, doc=f"mixed adapters, {_path or 'shape-chosen'} path",
     )
+
+from fused_lora.kernels import moe_lora as MOE  # noqa: E402  (appended section: keeps merges clean)
+
+register_kernel("moe_lora_linear", "triton", fwd=MOE.moe_lora_linear_fwd, bwd=MOE.moe_lora_linear_bwd,
+                reason=_reason, doc="grouped GEMM over experts, expand in the accumulator; fused backward")

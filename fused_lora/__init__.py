@@ -40,6 +40,8 @@ __all__ = [
     "FusedLoRALinear", "lora_linear",
     # mixed-adapter batches (issue 3)
     "MultiLoRALinear", "multi_lora_linear",
+    # LoRA on MoE experts (issue 12)
+    "moe_lora_linear",
     # model-level integration: injection, PEFT adapters, serving banks (issue 6)
     "inject_lora", "lora_state_dict", "merge_lora", "unmerge_lora", "load_peft_adapter",
     "save_peft_adapter", "from_peft", "load_peft_adapters_multi", "adapter_ids",

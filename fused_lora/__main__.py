@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -33,7 +34,7 @@ def _cuda_gemm(_ext) -> str:
 def info() -> dict:
     import torch
 
-    from fused_lora import __version__, _ext, dispatch
+    from fused_lora import __version__, _ext, backends, dispatch
 
     try:
         import triton
@@ -49,12 +50,12 @@ def info() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "gpu": gpu,
-        "triton_interpret": dispatch.triton_interpret(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "extension": _ext.ext_error() or "loaded",
         "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "extension_build": _ext.build_info(),
         "cuda_gemm": _cuda_gemm(_ext),
-        "backends": dispatch.report(),
+        "backends": {op: backends.report(op) for op in ("lora_linear", "multi_lora_linear")},
         "dispatch_table": (
             f"{len(dispatch.measured_table())} measured entries in {dispatch.MEASURED_TABLE_PATH.name}"
             + ("" if dispatch.measured_table() else

@@ -358,20 +358,24 @@ CPP_ONLY["multi_lora_linear_bwd"] = CPP_ONLY["multi_lora_linear_fwd"]
 
 @pytest.mark.parametrize("op", _py_ops_with_cpp_twin())
 def test_schemas_match_python_ops(op):
-    """One schema per op: the C++ op is the Python custom op minus `backend`, with an int seed,
-    plus the C++-only trailing arguments (CPP_ONLY) the Python op does not have."""
+    """One schema per op: the C++ op is the Python custom op minus `impl` (the registry entry),
+    with an int seed; the mixed-adapter ops take the routing plan's parts (ids before ranks,
+    order and keys at the end) where the Python op takes the packed plan; plus the C++-only
+    trailing arguments (CPP_ONLY)."""
     import fused_lora  # noqa: F401  (defines torch.ops.fused_lora.*)
 
     assert hasattr(torch.ops.fused_lora, op), f"Python op fused_lora::{op} missing"
     assert hasattr(C, op), f"C++ op fused_lora_C::{op} missing"
     py = getattr(torch.ops.fused_lora, op).default._schema
     cpp = getattr(C, op).default._schema
-    expected = [
-        (name, "int" if name == "seed" else typ) for name, typ in _schema_args(py) if name != "backend"
-    ]
-    have = {name for name, _ in expected}
-    extra = [a for a in CPP_ONLY[op] if a[0] not in have]
-    expected = [a for a in expected if a not in CPP_ONLY[op]] + CPP_ONLY[op] if extra else expected
+    expected = []
+    for name, typ in _schema_args(py):
+        if name in ("impl", "plan"):
+            continue
+        if name == "ranks":  # the C++ op takes the plan's ids ahead of the ranks
+            expected.append(("adapter_ids", "Tensor"))
+        expected.append((name, "int" if name == "seed" else typ))
+    expected += CPP_ONLY[op]
     assert _schema_args(cpp) == expected, f"{cpp} vs {py}"
     for a in cpp.arguments:  # the C++-only ones default to "unplanned, auto": callers may omit
         if (a.name, str(a.type)) in CPP_ONLY[op]:
@@ -465,9 +469,9 @@ def _run_py(code: str, **env) -> subprocess.CompletedProcess:
 def test_package_works_without_extension():
     code = (
         "import torch, fused_lora\n"
-        "from fused_lora import dispatch, _ext\n"
+        "from fused_lora import backends, _ext\n"
         "assert _ext.ext_error() and not _ext.has_op('lora_linear')\n"
-        "r = dispatch.report()['cuda']['cpu']\n"
+        "r = backends.report()['cuda']['cpu']\n"
         "assert 'FUSED_LORA_DISABLE_EXT' in r, r\n"
         "x = torch.randn(3, 8); w = torch.randn(5, 8)\n"
         "y = fused_lora.lora_linear(x, w, None, torch.randn(2, 8), torch.randn(5, 2), 1.0)\n"

@@ -64,7 +64,8 @@ def test_triton_strided_1d_multi(which, backend):
     want = ref.multi_lora_linear(x, w, b, A, B, scales, ids, ranks)
     args = dict(bias=b, scales=scales, ranks=ranks)
     t = args[which]
-    wide = torch.zeros(2 * t.shape[0], dtype=t.dtype, device=t.device) + (7 if t.dtype == torch.int64 else 3.0)
+    fill = 7 if t.dtype == torch.int64 else 3.0  # garbage between the strided elements
+    wide = torch.zeros(2 * t.shape[0], dtype=t.dtype, device=t.device) + fill
     wide[::2] = t
     args[which] = wide[::2]
     assert not args[which].is_contiguous()
@@ -87,7 +88,8 @@ def test_triton_ranks_past_int32_clamp_not_wrap():
 # ----------------------------------------------------------------------------- raw ops
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=[triton_ok, pytest.mark.interpreter])])
+@pytest.mark.parametrize("impl", ["torch",
+                                  pytest.param("triton", marks=[triton_ok, pytest.mark.interpreter])])
 def test_raw_ops_check_the_shapes_they_rely_on(impl):
     dev = TRITON_DEVICE if impl == "triton" else "cpu"
     x, w, b, A, B = _single(device=dev)
@@ -99,10 +101,11 @@ def test_raw_ops_check_the_shapes_they_rely_on(impl):
     with pytest.raises(ValueError, match="x's last dim"):
         op(x[:, :-1], w, b, A, B, 1.0, 0.0, None, impl)
     y, xa = op(x, w, b, A, B, 1.0, 0.0, None, impl)
+    bwd = torch.ops.fused_lora.lora_linear_bwd
     with pytest.raises(ValueError, match="dy must be"):
-        torch.ops.fused_lora.lora_linear_bwd(y[:, :-1], x, w, A, B, xa, 1.0, 0.0, None, True, True, True, impl)
+        bwd(y[:, :-1], x, w, A, B, xa, 1.0, 0.0, None, True, True, True, impl)
     with pytest.raises(ValueError, match="xa must be"):
-        torch.ops.fused_lora.lora_linear_bwd(y, x, w, A, B, xa[:-1], 1.0, 0.0, None, True, True, True, impl)
+        bwd(y, x, w, A, B, xa[:-1], 1.0, 0.0, None, True, True, True, impl)
     xm, wm, bm, Am, Bm, sc, ids, rk = _multi(device=dev)
     plan = RoutingPlan.build(ids, Am.shape[0]).data
     mop = torch.ops.fused_lora.multi_lora_linear_fwd
@@ -150,8 +153,10 @@ def test_double_backward_and_torch_func_grad():
     torch.testing.assert_close(gx, want)
     xm, wm, bm, Am, Bm, sc, ids, rk = (t.double() if t.is_floating_point() else t for t in _multi())
     Am.requires_grad_(True)
-    torch.autograd.gradgradcheck(
-        lambda A_: fused_lora.multi_lora_linear(xm, wm, bm, A_, Bm, sc, ids, ranks=rk, backend="torch"), (Am,))
+    def fm(A_):
+        return fused_lora.multi_lora_linear(xm, wm, bm, A_, Bm, sc, ids, ranks=rk, backend="torch")
+
+    torch.autograd.gradgradcheck(fm, (Am,))
 
 
 def test_scale_tensors_that_require_grad_get_their_gradient():

@@ -114,6 +114,7 @@ def inject_lora(
     exclude_modules: Optional[TargetModules] = None,
     adapter_dtype: Optional[torch.dtype] = None,
     freeze_base: bool = True,
+    target_parameters: Optional[List[str]] = None,
 ) -> List[str]:
     """Replace each matching ``nn.Linear`` / transformers ``Conv1D`` in ``model`` by a
     :class:`FusedLoRALinear` that shares its (frozen) weight and bias, in place.
@@ -133,6 +134,10 @@ def inject_lora(
             in fp32 on fp16/bf16 models; pass torch.float32 to match it.
         freeze_base: set requires_grad=False on every parameter except the LoRA ones (default),
             as PEFT does with bias="none".
+        target_parameters: fused 3-D expert parameters of MoE layers (PEFT's
+            ``target_parameters``, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``):
+            their experts modules become :class:`fused_lora.moe.MoELoRAExperts`. With
+            ``target_modules=None`` only these are adapted.
 
     Returns:
         The qualified names of the replaced modules, in ``named_modules`` order.
@@ -144,6 +149,13 @@ def inject_lora(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if target_parameters is not None:
+        from fused_lora.moe import inject_moe_lora
+
+        moe = inject_moe_lora(model, target_parameters, r=r, lora_alpha=lora_alpha, dropout=lora_dropout,
+                              backend=backend)
+        if target_modules is None:
+            return moe
     targets = _check_targets(target_modules)
     exclude = None if exclude_modules is None else _check_targets(exclude_modules, "exclude_modules")
     rank_pattern = dict(rank_pattern or {})

@@ -66,21 +66,23 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-import torch  # noqa: E402
-import triton  # noqa: E402
+import torch
+import triton
 
-try:  # the runtime pieces the audit drives; fail clearly on a Triton that lacks them
-    from triton import knobs  # noqa: E402
-    from triton.backends.compiler import GPUTarget  # noqa: E402
-    from triton.compiler.compiler import ASTSource, make_backend  # noqa: E402
-    from triton.runtime.autotuner import Autotuner  # noqa: E402
-    from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+_API_ERROR = None
+try:  # the runtime pieces the audit drives; run() fails clearly on a Triton that lacks them
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     if not hasattr(JITFunction, "_pack_args"):
         raise ImportError("JITFunction._pack_args")
 except ImportError as _e:  # pragma: no cover - depends on the installed Triton
-    raise SystemExit(f"audit: Triton {triton.__version__} lacks a runtime API the audit uses ({_e}); "
-                     "written against Triton 3.8 (triton/runtime/jit.py)") from None
+    _API_ERROR = (f"audit: Triton {triton.__version__} lacks a runtime API the audit uses ({_e}); "
+                  "written against Triton 3.8 (triton/runtime/jit.py: create_function_from_signature, "
+                  "JITFunction._pack_args; triton/runtime/autotuner.py: Autotuner.prune_configs)")
 
 from fused_lora.kernels import lora_linear as L  # noqa: E402
 from fused_lora.kernels import multi_lora as ML  # noqa: E402
@@ -397,6 +399,7 @@ def parse_sass(sass: str, act: str = "") -> dict:
         "loads": _hist(ops, _load_kind),
     }
     best = None
+    loops = []
     for i, (addr, txt) in enumerate(ins):
         m = _BRA.search(txt) if "BRA" in ops[i] else None
         if not m:
@@ -410,6 +413,8 @@ def parse_sass(sass: str, act: str = "") -> dict:
         work = sum(_mma_work(o) for o in bops)
         ffma = sum(o.startswith("FFMA") for o in bops)
         key = (work_act, work, ffma, -len(body))
+        loops.append({"range": [hex(tgt), hex(addr)], "instrs": len(body), "mma": _hist(bops, _mma_name),
+                      "ffma": ffma, "loads": _hist(bops, _load_kind)})
         if best is None or key > best[0]:
             best = (key, bops, tgt, addr)
     loop = None
@@ -426,11 +431,12 @@ def parse_sass(sass: str, act: str = "") -> dict:
             "loads": _hist(bops, _load_kind), "ldl": sum(o.startswith("LDL") for o in bops),
             "stl": sum(o.startswith("STL") for o in bops),
             "ldgdepbar": sum(o == "LDGDEPBAR" for o in bops),
+            "async_waits": len(depbar),
             "async_in_flight": max(depbar) if depbar else None,
             "wgmma_in_flight": max(wg) if wg else None,
             "range": [hex(best[2]), hex(best[3])],
         }
-    return {"kernel": whole, "loop": loop}
+    return {"kernel": whole, "loop": loop, "loops": loops}
 
 
 def _tool(name: str, *args: str) -> str:
@@ -596,14 +602,22 @@ class Row:
     ratio: Optional[float] = None
 
 
-def _steps(loop: Optional[dict], tile: Optional[tuple], warps: int, mma_kind: str = "") -> int:
-    """K steps one loop iteration does (>1 only if ptxas unrolled): the loop's tensor-core work
-    over one K step's (BM x BN x BK per CTA; SASS counts one warpgroup's / warp's share)."""
-    if not loop or not tile or not loop["mma_work"]:
+def _steps(loop: Optional[dict]) -> int:
+    """K steps one loop iteration does (> 1 only if ptxas unrolled it): the cp.async waits
+    (DEPBAR.LE SB0, one per K step of a Triton pipelined loop) it holds; 1 without them.
+    (Inferring it from the MMA work would count the in-loop shrink's extra MMAs as steps.)"""
+    if not loop:
         return 1
-    per_instr_group = warps / 4 if any(k.startswith("HGMMA") for k in loop["mma"]) else warps
-    bm, bn, bk = tile
-    return max(1, int(loop["mma_work"] * per_instr_group / (bm * bn * bk) + 0.25))
+    return max(1, loop.get("async_waits") or 0)
+
+
+def _steps_by_mma(loop: Optional[dict], tile: Optional[tuple], warps: int) -> Optional[float]:
+    """Cross-check for the JSON: the loop's tensor-core work over one K step's (BM x BN x BK per
+    CTA; SASS shows one warpgroup's share of an HGMMA, one warp's of an HMMA)."""
+    if not loop or not tile or not loop["mma_work"]:
+        return None
+    per = warps / 4 if any(k.startswith("HGMMA") for k in loop["mma"]) else warps
+    return round(loop["mma_work"] * per / (tile[0] * tile[1] * tile[2]), 2)
 
 
 def _launch_ok(m: dict, arch: int, warps: int) -> Optional[bool]:
@@ -620,6 +634,10 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
     kernels (what CI needs), "all": for the multi-adapter GEMMs too."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("audit: unset TRITON_INTERPRET (under the interpreter kernels cannot be compiled)")
+    if _API_ERROR:
+        raise SystemExit(_API_ERROR)
+    if not hasattr(Autotuner, "prune_configs"):
+        raise SystemExit(f"audit: Triton {triton.__version__}: Autotuner has no prune_configs")
     t_start = time.time()
     cap = _Capture()
     with cap.patched():
@@ -698,7 +716,8 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
         tile = _tile(j, r.kernel)
         lp = r.metrics.get("loop")
         if lp:
-            r.instrs_per_step = lp["instrs"] / _steps(lp, tile, warps)
+            r.instrs_per_step = lp["instrs"] / _steps(lp)
+            lp["k_steps_by_mma"] = _steps_by_mma(lp, tile, warps)
         if r.plain_job:
             pm = results[r.plain_job]
             pj = all_jobs[r.plain_job]
@@ -707,8 +726,7 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
                 {k: pj["constexprs"][(pj_i,)] for pj_i, k in _plain_idx(pj) if (pj_i,) in pj["constexprs"]},
                 pj["options"]["num_stages"], pj["options"]["num_warps"]), "error": pm.get("error")}
             if plp:
-                r.plain_instrs_per_step = plp["instrs"] / _steps(plp, _tile(pj, "_plain_gemm_kernel"),
-                                                                 pj["options"]["num_warps"])
+                r.plain_instrs_per_step = plp["instrs"] / _steps(plp)
             if r.instrs_per_step and r.plain_instrs_per_step:
                 r.ratio = round(r.instrs_per_step / r.plain_instrs_per_step, 3)
 

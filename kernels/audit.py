@@ -37,7 +37,7 @@ registers / stack / shared per kernel, and whether every kernel whose name says 
 HGMMA instructions.
 
 --gate exits 1 and lists every failure of: compile (a kernel does not compile), wgmma-serialised
-(any ptxas C7515 / C7512 on sm_90a), spill (stack or spill bytes in a hot kernel),
+(any ptxas C7511 / C7512 / C7515 on sm_90a), spill (stack or spill bytes in a hot kernel),
 unlaunchable (a listed config over the shared-memory or register limit: such configs must be
 pruned before autotuning), ratio (a forward or dx main loop of the single-adapter GEMMs more
 than 1.15x the plain GEMM's instructions per K step at the same tile), ext-no-hgmma.
@@ -314,7 +314,15 @@ def _job_key(j: dict) -> str:
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_NOTE = re.compile(r"\((C\d{4})\)\s*(.*)")
-SERIALISED = {"C7515", "C7512"}  # ptxas: wgmma.mma_async serialised (its reasons differ)
+# ptxas "wgmma.mma_async instructions are serialized due to ...": C7511 / C7512 (insufficient
+# registers), C7515 (non-wgmma instructions defining accumulator registers), and any other
+# C75xx note that says so.
+SERIALISED = {"C7511", "C7512", "C7515"}
+
+
+def is_serialised(note: str) -> bool:
+    code = note.split()[0] if note else ""
+    return code in SERIALISED or (code.startswith("C75") and "wgmma" in note and "serializ" in note)
 
 
 def parse_ptxas(log: str) -> dict:
@@ -510,7 +518,10 @@ def _plain_for(lc: Launch) -> Optional[dict]:
             lc.kernel == "_plain_gemm_kernel" and lc.case != "plain"):  # the self-test: against itself
         bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
         M, N, K = a["M"], a["N"], a["K"]
-        b_strides = (a["stride_wk"], a["stride_wn"])  # W^T tile [BK, BN]
+        if lc.kernel == "_plain_gemm_kernel":
+            b_strides = (a["stride_bk"], a["stride_bn"])
+        else:
+            b_strides = (a["stride_wk"], a["stride_wn"])  # the W^T tile [BK, BN]
     elif lc.kernel == "_lora_bwd_kernel" and a.get("NEED_DX"):
         # dx tile [BM, BK], K step BLOCK_N over N; the W0 tile [BN, BK] is the plain GEMM's b.
         bm, bn, bk = a["BLOCK_M"], a["BLOCK_K"], a["BLOCK_N"]
@@ -518,8 +529,6 @@ def _plain_for(lc: Launch) -> Optional[dict]:
         b_strides = (a["stride_wn"], a["stride_wk"])
     else:
         return None
-    if lc.kernel == "_plain_gemm_kernel":
-        b_strides = (a["stride_bk"], a["stride_bn"])
     act = next(a[k] for k in ("x_ptr", "dy_ptr", "a_ptr") if k in a)
     return dict(M=M, N=N, K=K, dtype=act.dtype, b_strides=tuple(int(s) for s in b_strides),
                 bm=bm, bn=bn, bk=bk, group_m=a.get("GROUP_M", 8), stages=a.get("num_stages", 3),
@@ -602,13 +611,20 @@ class Row:
     ratio: Optional[float] = None
 
 
-def _steps(loop: Optional[dict]) -> int:
-    """K steps one loop iteration does (> 1 only if ptxas unrolled it): the cp.async waits
-    (DEPBAR.LE SB0, one per K step of a Triton pipelined loop) it holds; 1 without them.
-    (Inferring it from the MMA work would count the in-loop shrink's extra MMAs as steps.)"""
+def _steps(loop: Optional[dict], tile: Optional[tuple] = None, warps: int = 4) -> int:
+    """K steps one loop iteration does (> 1 only if ptxas unrolled it): the smaller of the
+    cp.async waits it holds (DEPBAR.LE SB0: one per K step on sm_90; sm_80 waits several times
+    per step) and the K steps its tensor-core work covers (which overcounts when the loop also
+    holds another dot, e.g. the in-loop shrink). 1 when neither is known."""
     if not loop:
         return 1
-    return max(1, loop.get("async_waits") or 0)
+    cands = []
+    if loop.get("async_waits"):
+        cands.append(loop["async_waits"])
+    by_mma = _steps_by_mma(loop, tile, warps)
+    if by_mma:
+        cands.append(int(by_mma + 0.01))
+    return max(1, min(cands)) if cands else 1
 
 
 def _steps_by_mma(loop: Optional[dict], tile: Optional[tuple], warps: int) -> Optional[float]:
@@ -716,7 +732,7 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
         tile = _tile(j, r.kernel)
         lp = r.metrics.get("loop")
         if lp:
-            r.instrs_per_step = lp["instrs"] / _steps(lp)
+            r.instrs_per_step = lp["instrs"] / _steps(lp, tile, warps)
             lp["k_steps_by_mma"] = _steps_by_mma(lp, tile, warps)
         if r.plain_job:
             pm = results[r.plain_job]
@@ -726,7 +742,8 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
                 {k: pj["constexprs"][(pj_i,)] for pj_i, k in _plain_idx(pj) if (pj_i,) in pj["constexprs"]},
                 pj["options"]["num_stages"], pj["options"]["num_warps"]), "error": pm.get("error")}
             if plp:
-                r.plain_instrs_per_step = plp["instrs"] / _steps(plp)
+                r.plain_instrs_per_step = plp["instrs"] / _steps(plp, _tile(pj, "_plain_gemm_kernel"),
+                                                                 pj["options"]["num_warps"])
             if r.instrs_per_step and r.plain_instrs_per_step:
                 r.ratio = round(r.instrs_per_step / r.plain_instrs_per_step, 3)
 
@@ -788,7 +805,7 @@ def gates(report: dict) -> list[dict]:
         if m.get("error"):
             fail("compile", r, m["error"].splitlines()[0][:200])
             continue
-        ser = [n for n in m.get("notes", []) if n.split()[0] in SERIALISED]
+        ser = [n for n in m.get("notes", []) if is_serialised(n)]
         if ser and r["arch"].startswith("sm_9"):
             fail("wgmma-serialised", r, ser[0][:160])
         loop = m.get("loop") or {}

@@ -87,6 +87,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installed Triton
 from fused_lora.kernels import lora_linear as L  # noqa: E402
 from fused_lora.kernels import multi_lora as ML  # noqa: E402
 from fused_lora.kernels import plain_gemm as PG  # noqa: E402
+from fused_lora.routing import RoutingPlan  # noqa: E402
 
 # Max dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), what Triton's
 # launcher checks metadata.shared against: sm_90 (H100 / H200) 227 KB = 232448 bytes of the
@@ -182,11 +183,12 @@ def _calls(c: Case) -> list[tuple[str, Callable[[], Any]]]:
     A, B = e(c.slots, c.R, c.K, dtype=ad), e(c.slots, c.N, c.R, dtype=ad)
     scales = e(c.slots, dtype=torch.float32)
     ranks = torch.full((c.slots,), c.R, dtype=torch.int64)
-    ids = torch.arange(c.M, dtype=torch.int64) % c.slots
+    # The batch's routing plan, built once as a model forward would (fused_lora.routing).
+    plan = RoutingPlan.build(torch.arange(c.M, dtype=torch.int64) % c.slots, c.slots).view()
     kw = dict(path=c.path, split_k=c.split_k)
     return [
-        ("fwd", lambda: ML.multi_lora_linear_fwd(x, w, None, A, B, scales, ids, ranks, **kw)),
-        ("bwd", lambda: ML.multi_lora_linear_bwd(dy, x, w, A, B, scales, ids, ranks, xa,
+        ("fwd", lambda: ML.multi_lora_linear_fwd(x, w, None, A, B, scales, ranks, plan, **kw)),
+        ("bwd", lambda: ML.multi_lora_linear_bwd(dy, x, w, A, B, scales, ranks, plan, xa,
                                                  True, True, True, **kw)),
     ]
 

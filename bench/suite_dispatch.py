@@ -15,7 +15,8 @@ The suite writes the timings into ``fused_lora/dispatch_table.json`` (replacing 
 entries of the same device, op, mode, dtype and rows) with the name of the results file they
 came from; commit both. GPU entries name the GPU (``"gpu"``), CPU ones say ``"device": "cpu"``.
 The table is written only when the results file lands in bench/results (the default --out),
-where it is committed, and never from a --smoke run.
+where it is committed, never from a --smoke run, and on a CPU only from the full run (not
+--quick).
 """
 
 from __future__ import annotations
@@ -242,9 +243,15 @@ ABOUT = ("Timings that backend='auto' follows (fused_lora/dispatch.py): per GPU 
 def after_write(cfg: H.Config, rows: list[dict[str, Any]], env: dict[str, Any], files: list[Path]) -> None:
     """Called by the CLI once the results are written: fold them into the table, when the
     results file is in bench/results (where it is committed: the table names it) and the run
-    is not --smoke."""
+    is not --smoke (nor --quick on a CPU)."""
     results = Path(__file__).resolve().parent / "results"
     if cfg.size == "smoke":
+        return
+    if not cfg.cuda and cfg.size != "full":
+        # The README's `--quick` on a CPU checks that the code runs; rewriting the shipped CPU
+        # entries (and adding a results file to commit) on every such run would be churn.
+        cfg.log(f"{SUITE}: table not written: a CPU table comes from the full run "
+                "(python -m fused_lora.bench dispatch)")
         return
     if files[0].resolve().parent != results:
         cfg.log(f"{SUITE}: table not written: results went to {files[0].parent}, not bench/results "

@@ -315,9 +315,11 @@ def test_table_written_only_into_committed_results(tmp_path, monkeypatch):
     suite_dispatch.after_write(cfg, rows, env, [tmp_path / "cpu-dispatch-x.json"])
     assert not target.exists()  # results outside bench/results: the table would name a lost file
     results = Path(suite_dispatch.__file__).resolve().parent / "results"
-    smoke = H.Config(device=torch.device("cpu"), dtypes=[torch.float32], size="smoke", verbose=False)
-    suite_dispatch.after_write(smoke, rows, env, [results / "cpu-dispatch-x.json"])
-    assert not target.exists()
+    for size in ("smoke", "quick"):  # a CPU table comes from the full run only
+        small = H.Config(device=torch.device("cpu"), dtypes=[torch.float32], size=size, verbose=False)
+        suite_dispatch.after_write(small, rows, env, [results / "cpu-dispatch-x.json"])
+        assert not target.exists(), size
+    cfg.size = "full"
     try:
         suite_dispatch.after_write(cfg, rows, env, [results / "cpu-dispatch-x.json"])
         assert json.loads(target.read_text())["entries"][0]["source"] == "cpu-dispatch-x.json"

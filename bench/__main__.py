@@ -27,7 +27,8 @@ SUITES: dict[str, str] = {
     "adapters": "LoRA paper appendix B: GPT-2 medium with Adapter^H / Adapter^L vs LoRA, % slowdown",
     "multi": "mixed-adapter batches (decode, prefill): fused vs loop vs gather+bmm vs PEFT",
     "train": "small Llama-shaped decoder, LoRA on all linears: training tokens/s, peak memory",
-    "dispatch": "Triton vs CUDA per op/mode/rows: the table backend='auto' follows (written on a GPU)",
+    "dispatch": "backends per op/mode/rows: the table backend='auto' follows (GPU: Triton vs CUDA; "
+                "CPU: C++ CPU kernels vs reference)",
 }
 _MODULES = {"linear": "suite_linear", "adapters": "suite_adapters", "multi": "suite_multi",
             "train": "suite_train", "dispatch": "suite_dispatch"}
@@ -124,10 +125,16 @@ def run_suite(name: str, cfg: H.Config, stamp: str) -> dict[str, Any]:
                 files.append(png)
         else:
             cfg.log(f"{name}: matplotlib not installed, no plot (pip install matplotlib)")
-    H.print_table(f"{name} ({H.device_slug(cfg.device)}, {cfg.size}; {env['wall_s']} s)", rows, mod.COLUMNS)
+    where = H.device_slug(cfg.device) if cfg.cuda else "CPU: shows the code runs, not GPU speed"
+    H.print_table(f"{name} ({where}, {cfg.size}; {env['wall_s']} s)", rows, mod.COLUMNS)
     notes = getattr(mod, "NOTES", None)
     if notes:
         print(notes)
+    if any(r.get("noisy") for r in rows):
+        print("noisy = yes: the p20-p80 spread (of the row or of what it is compared with) is wider "
+              "than the difference of the medians, so that ratio is inside the noise")
+    if not cfg.cuda:
+        print(H.CPU_NOTE + "; cpp_cpu = the C++ extension's CPU kernels")
     failed = [r for r in rows if not r["pass"]]
     if failed:
         print(f"{name}: {len(failed)} rows FAILED their correctness check (no time reported for them)")

@@ -94,7 +94,7 @@ def env_info(device: torch.device, command: str) -> dict[str, Any]:
         peft_version: Optional[str] = peft.__version__
     except Exception:  # noqa: BLE001
         peft_version = None
-    from fused_lora import __version__, dispatch
+    from fused_lora import __version__, backends
 
     env: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -109,14 +109,77 @@ def env_info(device: torch.device, command: str) -> dict[str, Any]:
         "peft": peft_version,
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
-        "backends": {b: dispatch.unavailable_reason(b, device) or "ok" for b in dispatch.BACKENDS},
+        # Every registry entry of the timed ops: "ok" or why it cannot run here.
+        "backends": {op: {n: entry_reason(op, n, device) or "ok" for n in backends.names(op)}
+                     for op in ("lora_linear", "multi_lora_linear")},
     }
+    if device.type != "cuda":
+        env["timings_note"] = CPU_NOTE
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu_mem_gb"] = round(props.total_memory / 2**30, 1)
         env["sm_count"] = props.multi_processor_count
         env["l2_mb"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1)
     return env
+
+
+# Said in every CPU table and results file (issue 14): a CPU run checks that the code runs and
+# compares implementations on this CPU; it says nothing about any GPU.
+CPU_NOTE = ("CPU run: these timings show that the code runs (and compare implementations on this "
+            "CPU); they are not GPU speed")
+
+
+_PROBED: dict[tuple[str, str, str, Optional[torch.dtype]], str] = {}
+
+
+def entry_reason(op: str, entry: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Why registry entry ``entry`` cannot run ``op`` here ('' if it can): the registry's
+    :func:`fused_lora.backends.unavailable_reason`, then one tiny forward + backward through the
+    public op. A check or a probe that raises (a backend whose op signature is mid-change) is
+    the reason: that entry is skipped and the reason recorded, instead of ending the run."""
+    from fused_lora import backends
+
+    key = (op, entry, str(device), dtype)
+    if key not in _PROBED:
+        try:
+            why = backends.unavailable_reason(op, entry, device, dtype)
+        except Exception as e:  # noqa: BLE001 - reported as the skip reason
+            why = f"availability check raised {type(e).__name__}: {e}"
+        if not why and device.type in ("cpu", "cuda") and op in ("lora_linear", "multi_lora_linear"):
+            why = _probe(op, entry, device, dtype or torch.float32)
+        _PROBED[key] = why
+    return _PROBED[key]
+
+
+def _probe(op: str, entry: str, device: torch.device, dtype: torch.dtype) -> str:
+    import fused_lora
+
+    g = seeded(0)
+    x = torch.randn(4, 16, generator=g).to(device, dtype).requires_grad_()
+    W, b = torch.randn(8, 16, generator=g).to(device, dtype), torch.randn(8, generator=g).to(device, dtype)
+    try:
+        if op == "lora_linear":
+            A = torch.randn(4, 16, generator=g).to(device, dtype)
+            B = torch.randn(8, 4, generator=g).to(device, dtype)
+            y = fused_lora.lora_linear(x, W, b, A, B, 2.0, backend=entry)
+        else:
+            A = torch.randn(2, 4, 16, generator=g).to(device, dtype)
+            B = torch.randn(2, 8, 4, generator=g).to(device, dtype)
+            ids = torch.tensor([0, 1, -1, 0], device=device)
+            y = fused_lora.multi_lora_linear(x, W, b, A, B, torch.full((2,), 2.0, device=device), ids,
+                                             backend=entry)
+        y.sum().backward()
+    except Exception as e:  # noqa: BLE001 - reported as the skip reason
+        return f"a probe call raised {type(e).__name__}: {e}"[:300]
+    return ""
+
+
+def impl_label(entry: str, device: torch.device) -> str:
+    """The impl name of a registry entry in rows and tables: ``fused_triton``, ``fused_cuda_mma``
+    ...; on a CPU the extension's C++ CPU kernels are ``cpp_cpu`` (they are not CUDA code)."""
+    if device.type != "cuda" and entry == "cuda":
+        return "cpp_cpu"
+    return "fused_" + entry.replace(":", "_")
 
 
 # ------------------------------------------------------------------------------- timing
@@ -366,7 +429,9 @@ def _fmt(v: Any) -> str:
 
 def print_table(title: str, rows: list[dict[str, Any]],
                 columns: Sequence[tuple[str, Callable[[dict[str, Any]], Any]]]) -> None:
-    """A plain aligned table on stdout; columns are (header, row -> value)."""
+    """A plain aligned table on stdout; columns are (header, row -> value). A column empty in
+    every row (None or "": peak MiB and graph on a CPU) is left out."""
+    columns = [(h, get) for h, get in columns if any(get(r) not in (None, "") for r in rows)] or list(columns)
     cells = [[h for h, _ in columns]] + [[_fmt(get(r)) for _, get in columns] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     print(f"\n## {title}")
@@ -381,6 +446,23 @@ def spread(r: dict[str, Any]) -> Optional[str]:
     if r.get("ms_p20") is None:
         return None
     return f"{r['ms_p20']:.3g}-{r['ms_p80']:.3g}"
+
+
+def is_noisy(row: dict[str, Any], ref: Optional[dict[str, Any]]) -> Optional[bool]:
+    """True when the p20-p80 spread of ``row`` or of ``ref`` (what it is compared with) is wider
+    than the difference of their medians: the ratio reported between them is inside the noise.
+    None when either has no timing."""
+    if ref is None or ref is row:
+        return None
+    if any(x.get(k) is None for x in (row, ref) for k in ("ms", "ms_p20", "ms_p80")):
+        return None
+    width = max(row["ms_p80"] - row["ms_p20"], ref["ms_p80"] - ref["ms_p20"])
+    return width > abs(row["ms"] - ref["ms"])
+
+
+def noisy_mark(r: dict[str, Any]) -> Optional[str]:
+    """The table's "noisy" column: "yes" where :func:`is_noisy` said so."""
+    return "yes" if r.get("noisy") else None
 
 
 def have_matplotlib() -> bool:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_lora import FusedLoRALinear, dispatch
+from fused_lora import FusedLoRALinear, backends
 
 from . import harness as H
 
@@ -168,7 +168,9 @@ def grid(cfg: H.Config) -> tuple[GPT2Config, list[int], list[tuple[int, int]]]:
 
 def run(cfg: H.Config) -> list[dict[str, Any]]:
     mcfg, ranks, bs = grid(cfg)
-    backend = dispatch.resolve("auto", cfg.device)
+    # The layers keep backend "auto"; each row records the entry it resolved to (per dtype and
+    # token count, as the layer's call does).
+    backend = "auto"
     cfg.log(f"adapters: model {mcfg}, LoRA backend {backend!r}")
     rows: list[dict[str, Any]] = []
     configs = [("none", 0)] + [(i, r) for r in ranks for i in IMPLS[1:]]
@@ -213,7 +215,8 @@ def run(cfg: H.Config) -> list[dict[str, Any]]:
                 name = f"{impl} r={r}"
                 row = H.make_row(SUITE, f"b={batch} s={seq}", impl, dtype=dtype, M=batch * seq, K=mcfg.d,
                                  N=mcfg.d, r=r, batch=batch, seq=seq, n_layer=mcfg.n_layer, err=err,
-                                 backend=backend if impl.startswith("lora") else None)
+                                 backend=(_resolved(cfg, dtype, batch * seq) if impl.startswith("lora")
+                                          else None))
                 row["pass"] = ok
                 t = times.get(name)
                 if isinstance(t, Exception):
@@ -233,6 +236,14 @@ def run(cfg: H.Config) -> list[dict[str, Any]]:
     return rows
 
 
+def _resolved(cfg: H.Config, dtype: torch.dtype, rows: int) -> str:
+    """The entry backend="auto" runs a LoRA layer's forward on here (no_grad: mode fwd)."""
+    try:
+        return backends.select("lora_linear", "auto", cfg.device, dtype, "fwd", rows)
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        return f"auto ({type(e).__name__}: {e})"[:200]
+
+
 def _derive(rows: list[dict[str, Any]]) -> None:
     none = {(r["dtype"], r["batch"], r["seq"]): r for r in rows if r["impl"] == "none"}
     for r in rows:
@@ -240,6 +251,7 @@ def _derive(rows: list[dict[str, Any]]) -> None:
         if n is None or r["ms"] is None or not n["ms"]:
             continue
         r["slowdown_pct"] = (r["ms"] / n["ms"] - 1.0) * 100.0
+        r["noisy"] = H.is_noisy(r, n)
         if r.get("ms_graph") and n.get("ms_graph"):
             r["slowdown_graph_pct"] = (r["ms_graph"] / n["ms_graph"] - 1.0) * 100.0
 
@@ -252,6 +264,7 @@ COLUMNS = [
     ("ms", lambda r: r["ms"]),
     ("p20-p80", H.spread),
     ("slowdown %", lambda r: r.get("slowdown_pct")),
+    ("noisy", H.noisy_mark),
     ("graph ms", lambda r: r.get("ms_graph")),
     ("graph slowdown %", lambda r: r.get("slowdown_graph_pct")),
     ("check", lambda r: r["pass"]),

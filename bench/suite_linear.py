@@ -2,13 +2,15 @@
 
 Competitors (same process, same inputs, each checked against the fp64 reference first):
 
-* ``fused_triton``, ``fused_cuda``: :func:`fused_lora.lora_linear` with backend "triton" /
-  "cuda" (when :func:`fused_lora.dispatch.unavailable_reason` says they run here; Triton is
-  never timed on CPU: the interpreter's timings mean nothing). ``fused_triton_inloop``: the
-  Triton forward with the shrink inside the GEMM's K loop. ``fused_cuda_mma`` /
-  ``fused_cuda_wgmma256``: on an H100/H200 (where ``fused_cuda`` runs the 128x128 wgmma GEMM),
-  the CUDA backend with its mma.sync GEMM / its 128x256-tile wgmma GEMM. ``fused_torch``: the
-  plain-PyTorch backend, which is the CPU path (timed on CPU only).
+* the registry entries of ``lora_linear`` (:func:`fused_lora.backends.names`), each through the
+  public op, ``fused_lora.lora_linear(..., backend=entry)``, when
+  :func:`fused_lora.backends.unavailable_reason` says it runs here: ``fused_triton``,
+  ``fused_triton_inloop`` (entry "triton:inloop": the forward's shrink inside the GEMM's K
+  loop), ``fused_cuda`` and its GEMM variants ``fused_cuda_mma`` / ``fused_cuda_wgmma`` /
+  ``fused_cuda_wgmma256`` (the one that "cuda" itself picks on this GPU is not timed twice),
+  ``fused_torch`` (the reference, timed on CPU only). On a CPU, entry "cuda" runs the
+  extension's C++ CPU kernels and is named ``cpp_cpu``; Triton is never timed there (the
+  interpreter's timings mean nothing).
 * ``unfused_eager``: PEFT's chain ``F.linear(x, W, b) + s * F.linear(F.linear(drop(x), A), B)``
   (dropout is off: p = 0, as PEFT's nn.Identity).
 * ``unfused_compile``: the same chain under ``torch.compile``.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -33,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_lora import _ext, dispatch, lora_linear, reference
+from fused_lora import backends, lora_linear, reference
 
 from . import harness as H
 
 SUITE = "linear"
+ENV: dict[str, Any] = {}  # merged into the results' env: what was skipped and why
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 # (name, K = in_features, N = out_features)
@@ -108,38 +110,36 @@ def _compiled_chain() -> Callable[..., Tensor]:
     return _COMPILED["chain"]
 
 
-# The CUDA backend's other tensor-core GEMMs, timed beside fused_cuda where it runs wgmma:
-# impl -> (FUSED_LORA_CUDA_GEMM, note).
-_CUDA_GEMMS = {
-    "fused_cuda_mma": ("mma", "mma.sync GEMM (fused_cuda: wgmma 128x128)"),
-    "fused_cuda_wgmma256": ("wgmma256", "wgmma GEMM, 128x256 tiles"),
+# What each variant entry is, for the row's note.
+_NOTES = {
+    "triton:inloop": "shrink inside the GEMM K loop",
+    "cuda:mma": "mma.sync GEMM",
+    "cuda:wgmma": "wgmma GEMM, 128x128 tiles",
+    "cuda:wgmma256": "wgmma GEMM, 128x256 tiles",
 }
 
 
 def impl_names(cfg: H.Config) -> tuple[list[tuple[str, Optional[str]]], dict[str, str]]:
-    """([(impl, backend)], {impl: why skipped}) for this device."""
+    """([(impl, registry entry or None)], {impl: why skipped}) for this device."""
     run: list[tuple[str, Optional[str]]] = []
     skip: dict[str, str] = {}
-    for name, be in (("fused_triton", "triton"), ("fused_cuda", "cuda")):
-        why = dispatch.unavailable_reason(be, cfg.device)
-        if be == "triton" and not cfg.cuda:
+    entries = backends.names("lora_linear")
+    # "cuda" (gemm auto) runs wgmma 128x128 where cuda:wgmma runs, else mma.sync: time that
+    # variant once, as fused_cuda.
+    same = "cuda:wgmma" if not H.entry_reason("lora_linear", "cuda:wgmma", cfg.device) else "cuda:mma"
+    for entry in [e for e in entries if e != "torch"] + ["torch"]:
+        name = H.impl_label(entry, cfg.device)
+        why = H.entry_reason("lora_linear", entry, cfg.device)
+        if entry.startswith("triton") and not cfg.cuda:
             why = "Triton runs on CPU only under the interpreter, whose timings mean nothing"
+        elif entry == "torch" and cfg.cuda:
+            why = "the torch backend is the CPU path; on GPU it is unfused_eager in fp32"
+        elif entry == same and cfg.cuda and not why:
+            why = "the GEMM that backend 'cuda' picks on this GPU: timed as fused_cuda"
         if why:
             skip[name] = why
         else:
-            run.append((name, be))
-            if be == "triton":
-                # The forward's other shrink placement (inside the GEMM's K loop): the issue
-                # asks which is faster, so both are timed side by side.
-                run.append(("fused_triton_inloop", be))
-            if be == "cuda" and cfg.cuda and _ext.wgmma_available(cfg.device):
-                # fused_cuda runs the 128x128 wgmma GEMM here; the mma.sync one and the
-                # 128x256-tile wgmma one are timed beside it.
-                run += [(name, be) for name in _CUDA_GEMMS]
-    if cfg.cuda:
-        skip["fused_torch"] = "the torch backend is the CPU path; on GPU it is unfused_eager in fp32"
-    else:
-        run.append(("fused_torch", "torch"))
+            run.append((name, entry))
     run.append(("unfused_eager", None))
     if not cfg.cuda and cfg.size != "full":
         skip["unfused_compile"] = (
@@ -182,73 +182,10 @@ def build(name: str, backend: Optional[str], W: Tensor, b: Tensor, A: Tensor, B:
         chain = _compiled_chain()
         return Impl(name, lambda x: chain(x, W, b, A_, B_, s), [A_, B_])
     assert backend is not None
-    if name == "fused_triton_inloop":
-        # The launcher reads FUSED_LORA_FWD_SHRINK per call (captured once under CUDA graphs).
-        fn = _env_scoped(lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend),
-                         "FUSED_LORA_FWD_SHRINK", "fused")
-        return Impl(name, fn, [A_, B_], note="shrink inside the GEMM K loop")
-    if name in _CUDA_GEMMS:
-        fn = _env_scoped(lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend),
-                         "FUSED_LORA_CUDA_GEMM", _CUDA_GEMMS[name][0])
-        return Impl(name, fn, [A_, B_], note=_CUDA_GEMMS[name][1])
-    return Impl(name, lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend), [A_, B_],
-                note="C++ CPU kernels" if backend == "cuda" and W.device.type == "cpu" else "")
-
-
-class _EnvEnter(torch.autograd.Function):
-    """Identity on the op's output; its backward (run before the op's) sets var = value."""
-
-    @staticmethod
-    def forward(ctx: Any, t: Tensor, var: str, value: str) -> Tensor:
-        ctx.var, ctx.value = var, value
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
-        ctx.old = os.environ.get(ctx.var)
-        os.environ[ctx.var] = ctx.value
-        _EnvExit.pending.append((ctx.var, ctx.old))
-        return g, None, None
-
-
-class _EnvExit(torch.autograd.Function):
-    """Identity on the op's input; its backward (run after the op's) restores the variable."""
-
-    pending: list[tuple[str, Optional[str]]] = []
-
-    @staticmethod
-    def forward(ctx: Any, t: Tensor) -> Tensor:
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        if _EnvExit.pending:
-            var, old = _EnvExit.pending.pop()
-            if old is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = old
-        return g
-
-
-def _env_scoped(fn: Callable[[Tensor], Tensor], var: str, value: str) -> Callable[[Tensor], Tensor]:
-    """fn with environment variable var = value while its forward and its backward kernels launch
-    (the launchers read it per call), so two settings of one backend are timed side by side."""
-
-    def run(x: Tensor) -> Tensor:
-        old = os.environ.get(var)
-        os.environ[var] = value
-        try:
-            y = fn(_EnvExit.apply(x) if x.requires_grad else x)
-        finally:
-            if old is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = old
-        # Only with x in the graph: _EnvExit (on x) must run after the op's backward to restore.
-        return _EnvEnter.apply(y, var, value) if y.requires_grad and x.requires_grad else y
-
-    return run
+    note = _NOTES.get(backend, "")
+    if backend == "cuda" and W.device.type == "cpu":
+        note = "C++ CPU kernels of the extension"
+    return Impl(name, lambda x: lora_linear(x, W, b, A_, B_, s, backend=backend), [A_, B_], note=note)
 
 
 def _reference(x: Tensor, W: Tensor, b: Tensor, A: Tensor, B: Tensor, s: float,
@@ -306,6 +243,7 @@ def run(cfg: H.Config) -> list[dict[str, Any]]:
     impls, skipped = impl_names(cfg)
     for n, why in skipped.items():
         cfg.log(f"linear: skipping {n}: {why}")
+    ENV["skipped"] = dict(skipped)
     cases = grid(cfg)
     prog = H.Progress(cfg, SUITE, len(cfg.dtypes) * len(cases) * len(impls))
     rows: list[dict[str, Any]] = []
@@ -408,7 +346,8 @@ def _mode_fn(cfg: H.Config, impl: Impl, mode: str, x: Tensor, dy: Tensor, name: 
 
 def _derive(rows: list[dict[str, Any]]) -> None:
     """x_base = ms / base ms (1.0 = merged cost), speedup = unfused_eager ms / ms and, for the
-    CUDA backend's rows, x_triton = ms / fused_triton ms (issue 4's target: <= 1.25), per case."""
+    CUDA backend's rows, x_triton = ms / fused_triton ms (issue 4's target: <= 1.25), per case;
+    noisy = the spread of the row or of unfused_eager is wider than their difference."""
     by: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r["case"], r["mode"], r["dtype"]), {})[r["impl"]] = r
@@ -421,6 +360,7 @@ def _derive(rows: list[dict[str, Any]]) -> None:
                 r["x_base"] = r["ms"] / base["ms"]
             if eager and eager["ms"]:
                 r["speedup_vs_eager"] = eager["ms"] / r["ms"]
+                r["noisy"] = H.is_noisy(r, eager)
             if tri and tri["ms"] and r["impl"].startswith("fused_cuda"):
                 r["x_triton"] = r["ms"] / tri["ms"]
 
@@ -434,6 +374,7 @@ COLUMNS = [
     ("p20-p80", H.spread),
     ("x base", lambda r: r.get("x_base")),
     ("vs eager", lambda r: r.get("speedup_vs_eager")),
+    ("noisy", H.noisy_mark),
     ("x triton", lambda r: r.get("x_triton")),
     ("peak MiB", lambda r: r["peak_mem_mb"]),
     ("graph", lambda r: "yes" if r.get("cuda_graph") else ""),

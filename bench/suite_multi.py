@@ -12,12 +12,13 @@ one adapter, the rest uniform) and ``with_none`` (half the requests without an a
 at one rank (r = 16) or mixed ranks (8 / 16 / 32 / 64, r_max = 64).
 
 Competitors: the fused op ``fused_lora.multi_lora_linear`` per available backend
-(``fused_triton`` / ``fused_cuda`` / ``fused_torch`` on CPU; skipped with the reason while the
-op does not exist), ``base`` (the base layer alone: the lower bound), ``loop`` (base GEMM plus
-one shrink/expand pair per adapter present: what a naive server does), ``gather_bmm`` (gather
-each token's A and B, two batched matmuls: Punica's baseline; skipped where the gathered
-copies exceed a quarter of device memory) and ``peft`` (PEFT's mixed batch,
-``forward(x, adapter_names=...)``, when peft is importable).
+(``fused_triton`` / ``fused_cuda`` / ``fused_torch`` on CPU, where the extension's C++ CPU
+kernels are ``cpp_cpu``; skipped with the reason while the op does not exist), ``base`` (the
+base layer alone: the lower bound), ``loop`` (base GEMM plus one shrink/expand pair per adapter
+present: what a naive server does), ``gather_bmm`` (gather each token's A and B, two batched
+matmuls: Punica's baseline; skipped where the gathered copies exceed a quarter of device
+memory) and ``peft`` (PEFT's mixed batch, ``forward(x, adapter_names=...)``, when peft is
+importable).
 
 Decode rows also carry the bytes a decode step must move at least (W0 + bias + the adapters
 used + x + y), the achieved bandwidth over those bytes (``gbs``) and ``x_floor`` = ms over the
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fused_lora import dispatch, reference
+from fused_lora import reference
 
 from . import harness as H
 
@@ -88,9 +89,10 @@ def fused_impls(cfg: H.Config) -> tuple[list[tuple[str, str]], dict[str, str]]:
     skip: dict[str, str] = {}
     if not hasattr(fused_lora, "multi_lora_linear"):
         why = "fused_lora.multi_lora_linear does not exist yet in this checkout"
-        return [], {"fused_triton": why, "fused_cuda": why, "fused_torch": why}
-    for name, be in (("fused_triton", "triton"), ("fused_cuda", "cuda"), ("fused_torch", "torch")):
-        why = dispatch.unavailable_reason(be, cfg.device, "multi_lora_linear")
+        return [], {H.impl_label(be, cfg.device): why for be in ("triton", "cuda", "torch")}
+    for be in ("triton", "cuda", "torch"):
+        name = H.impl_label(be, cfg.device)
+        why = H.entry_reason("multi_lora_linear", be, cfg.device)
         if be == "triton" and not cfg.cuda:
             why = "Triton runs on CPU only under the interpreter, whose timings mean nothing"
         if be == "torch" and cfg.cuda:
@@ -183,6 +185,7 @@ def run(cfg: H.Config) -> list[dict[str, Any]]:
         skip["peft"] = peft_why
     for n, why in skip.items():
         cfg.log(f"multi: skipping {n}: {why}")
+    ENV["skipped"] = dict(skip)
     bw = H.measure_copy_bandwidth(cfg)
     ENV.update(bw)
     cfg.log(f"multi: peak bandwidth (device copy) {bw['peak_bw_gbs']:.1f} GB/s")
@@ -290,6 +293,7 @@ def _derive(rows: list[dict[str, Any]]) -> None:
         b = base.get((r["case"], r["dtype"]))
         if b and b["ms"] and r["ms"]:
             r["x_base"] = r["ms"] / b["ms"]
+            r["noisy"] = H.is_noisy(r, b)
 
 
 COLUMNS = [
@@ -300,6 +304,7 @@ COLUMNS = [
     ("ms", lambda r: r["ms"]),
     ("p20-p80", H.spread),
     ("x base", lambda r: r.get("x_base")),
+    ("noisy", H.noisy_mark),
     ("GB/s", lambda r: r.get("gbs")),
     ("x floor", lambda r: r.get("x_floor")),
     ("check", lambda r: r["pass"]),

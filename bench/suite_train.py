@@ -7,7 +7,8 @@ head, all frozen. LoRA (r = 16, alpha = 32, no dropout) on all seven linear laye
 block:
 
 * ``fused_triton`` / ``fused_cuda`` / ``fused_torch``: :class:`fused_lora.FusedLoRALinear`
-  per backend available here (Triton never on CPU);
+  per backend available here (Triton never on CPU; on a CPU backend "cuda" runs the
+  extension's C++ CPU kernels and is named ``cpp_cpu``);
 * ``peft``: PEFT's ``inject_adapter_in_model`` with the same target modules (when importable);
 * ``unfused_eager``: the PEFT-style chain in a plain module.
 
@@ -29,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fused_lora import FusedLoRALinear, dispatch
+from fused_lora import FusedLoRALinear
 
 from . import harness as H
 
 SUITE = "train"
+ENV: dict[str, Any] = {}  # merged into the results' env: what was skipped and why
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 N_CHECK_STEPS = 3
 # Loss agreement with unfused_eager after each of the first steps (relative). The same math
@@ -178,7 +180,7 @@ def build(base: Llama, impl: str, r: int, alpha: float, init: dict[str, tuple[Te
             if impl == "unfused_eager":
                 new: nn.Module = EagerLoRALinear(lin, r, alpha)
             else:
-                new = FusedLoRALinear.from_linear(lin, r=r, lora_alpha=alpha, backend=impl.split("_", 1)[1])
+                new = FusedLoRALinear.from_linear(lin, r=r, lora_alpha=alpha, backend=backend_of(impl))
             with torch.no_grad():
                 new.lora_A.weight.copy_(init[name][0])
                 new.lora_B.weight.copy_(init[name][1])
@@ -199,19 +201,25 @@ def grid(cfg: H.Config) -> tuple[LlamaConfig, int, int]:
     return LlamaConfig(), 4, 1024
 
 
+def backend_of(impl: str) -> str:
+    """The backend of a fused impl name (``cpp_cpu`` is backend "cuda" on a CPU)."""
+    return "cuda" if impl == "cpp_cpu" else impl.split("_", 1)[1]
+
+
 def impl_names(cfg: H.Config) -> tuple[list[str], dict[str, str]]:
     run: list[str] = []
     skip: dict[str, str] = {}
     for be in ("triton", "cuda", "torch"):
-        why = dispatch.unavailable_reason(be, cfg.device)
+        name = H.impl_label(be, cfg.device)
+        why = H.entry_reason("lora_linear", be, cfg.device)
         if be == "triton" and not cfg.cuda:
             why = "Triton runs on CPU only under the interpreter, whose timings mean nothing"
         if be == "torch" and cfg.cuda:
             why = "the torch backend is the CPU path"
         if why:
-            skip[f"fused_{be}"] = why
+            skip[name] = why
         else:
-            run.append(f"fused_{be}")
+            run.append(name)
     why = H.peft_reason()
     if why:
         skip["peft"] = why
@@ -236,6 +244,7 @@ def run(cfg: H.Config) -> list[dict[str, Any]]:
     impls, skip = impl_names(cfg)
     for n, why in skip.items():
         cfg.log(f"train: skipping {n}: {why}")
+    ENV["skipped"] = dict(skip)
     # unfused_eager first: it is the loss reference for the others.
     impls = ["unfused_eager"] + [i for i in impls if i != "unfused_eager"]
     rows: list[dict[str, Any]] = []
@@ -300,6 +309,7 @@ def run(cfg: H.Config) -> list[dict[str, Any]]:
         e = eager.get(r_["dtype"])
         if e and e["ms"] and r_["ms"]:
             r_["speedup_vs_eager"] = e["ms"] / r_["ms"]
+            r_["noisy"] = H.is_noisy(r_, e)
     return rows
 
 
@@ -311,6 +321,7 @@ COLUMNS = [
     ("p20-p80", H.spread),
     ("tokens/s", lambda r: r.get("tokens_per_s")),
     ("vs eager", lambda r: r.get("speedup_vs_eager")),
+    ("noisy", H.noisy_mark),
     ("peak MiB", lambda r: r["peak_mem_mb"]),
     ("loss err", lambda r: r.get("err")),
     ("check", lambda r: r["pass"]),

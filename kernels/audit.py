@@ -828,7 +828,7 @@ def gates(report: dict) -> list[dict]:
                              f"loads {m.get('spill_loads')} B, LDL/STL {m['kernel']['ldl']}/"
                              f"{m['kernel']['stl']} (in loop {loop.get('ldl', 0)}/{loop.get('stl', 0)})")
         if r["launches"] is False:
-            lim = report["shared_limit"][int(r["arch"][3:5])]
+            lim = SHARED_LIMIT[int(r["arch"][3:5])]
             fail("unlaunchable", r, f"shared {m['shared']} B > {lim} B or regs {m.get('regs')} x threads "
                                     f"> {REGS_PER_SM}")
         if r["kernel"] in RATIO_GATED and r["ratio"] is not None and r["ratio"] > report["ratio_limit"]:

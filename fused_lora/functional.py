@@ -75,8 +75,11 @@ def _mode(*tensors: Optional[Tensor]) -> str:
 
 
 def _rows(x: Tensor) -> int:
-    """Tokens in the call, for the measured dispatch table; 0 (unknown) for a symbolic size under
-    torch.compile with dynamic shapes: a backend choice must not specialize the graph on M."""
+    """Tokens in the call, for the measured dispatch table; 0 (unknown) under torch.compile: a
+    backend choice must not specialize the graph on M (a symbolic size would also break the
+    constant-folded backends.select), so compiled "auto" follows the fixed order."""
+    if torch.compiler.is_compiling():
+        return 0
     rows = 1
     for d in x.shape[:-1]:
         if not isinstance(d, int) or isinstance(d, torch.SymInt):

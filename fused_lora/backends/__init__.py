@@ -159,6 +159,10 @@ def _dtype_reason(k: Kernel, device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
+# A constant of the traced graph under torch.compile: it depends only on its (constant)
+# arguments and on what is installed; Dynamo runs it once at trace time instead of tracing its
+# table reads. rows must be a plain int (0 for a symbolic size, see functional._rows).
+@torch.compiler.assume_constant_result
 def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, mode: str = "fwd",
            rows: int = 0) -> str:
     """The entry that runs ``op`` for this call: ``backend`` checked, or "auto" resolved.

@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in data.items():
         if k == "backends":
             print("backends:")
-            for b, devs in v.items():
-                for d, why in devs.items():
-                    print(f"  {b:7s} {d:5s} {why}")
+            for op, entries in v.items():
+                print(f"  {op}:")
+                for b, devs in entries.items():
+                    for d, why in devs.items():
+                        print(f"    {b:16s} {d:5s} {why}")
         elif k == "extension_build":
             if v:
                 print(f"extension_build: {json.dumps(v)}")

@@ -494,7 +494,12 @@ def test_info_cli_reports_the_extension():
 
     data = json.loads(res.stdout)
     assert data["extension"] == "loaded"
-    assert data["backends"]["cuda"]["cpu"] == "ok"
+    for op in ("lora_linear", "multi_lora_linear"):
+        assert data["backends"][op]["cuda"]["cpu"] == "ok", data["backends"][op]
+        assert data["backends"][op]["torch"]["cpu"] == "ok"
+    text = subprocess.run([sys.executable, "-m", "fused_lora", "info"], capture_output=True, text=True,
+                          timeout=120)
+    assert text.returncode == 0 and "multi_lora_linear" in text.stdout, text.stderr
 
 
 # --------------------------------------------------------------------------------------------

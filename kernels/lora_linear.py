@@ -19,9 +19,16 @@ beyond the dx GEMM's own traffic dy is read once by the ds kernel (plus once mor
 programs in deterministic mode) and x once by the dA programs. Programs that loop over all M
 (dA, dB) take the lowest program ids so they start first and overlap the GEMM tiles.
 
+The GEMM main loops are the Triton tutorial's (kernels/plain_gemm.py): the kernel audit
+(python -m fused_lora.kernels.audit) compiles them beside it for sm_90a and gates on spills,
+serialised wgmma, unlaunchable configs and instructions per K step (<= 1.15x the tutorial's).
+The LoRA terms enter the GEMM accumulator after the main loop (the dx term with dropout: before
+it), so the first prefetches are not delayed and the wgmma chain stays unbroken.
+
 Dropout masks are regenerated from the seed (same hash as fused_lora.reference), never stored.
 Accumulation is fp32. fp32 operands use INPUT_PRECISION ("ieee" unless torch allows TF32 for
-matmul; "tf32x3" for the r-deep LoRA dots with fp32 adapters).
+matmul); the r-deep LoRA dots use lora_precision(): "bf16x3" (hi / lo bf16 splits on the
+16-bit tensor-core path) for fp32 adapters with 16-bit activations, "tf32x3" with fp32 ones.
 """
 
 from __future__ import annotations
@@ -82,6 +89,64 @@ def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+# The r-deep LoRA dots with fp32 operands (PEFT keeps adapters in fp32; xa / ds are fp32) next
+# to a 16-bit GEMM. Triton's "tf32x3" for them spilled 200-1504 B and serialised the backward's
+# wgmma chain (kernel audit, sm_90a, 8192 x 4096^2, r = 16). "bf16x3" instead splits each fp32
+# (or fp16) operand into bf16 hi + lo (t = hi + lo to 2^-16 relative, bf16 keeps fp32's range)
+# and sums the three products that matter, small ones first, on the 16-bit tensor-core path
+# the GEMM itself uses: ~2^-16 relative error on the LoRA term, 2^7 below the bf16 (2^-9) and
+# 2^5 below the fp16 (2^-11) rounding of the outputs it is added to.
+# Under the interpreter bf16 dots are wrong, so there the same split products are summed in
+# fp32 (the split's rounding is still what is tested).
+_EMULATE_BF16_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _bf16_hi_lo(t):
+    hi = t.to(tl.bfloat16)
+    return hi, (t.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _bf16_dot(a, b, acc):
+    if _EMULATE_BF16_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _lora_dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b for LoRA's r-deep dots; PRECISION "bf16x3" (see above) or a tl.dot
+    input_precision for fp32 operands ("tf32", "tf32x3", "ieee")."""
+    if PRECISION == "bf16x3":
+        if a.dtype == tl.bfloat16:
+            b_hi, b_lo = _bf16_hi_lo(b)
+            acc = _bf16_dot(a, b_lo, acc)
+            acc = _bf16_dot(a, b_hi, acc)
+        elif b.dtype == tl.bfloat16:
+            a_hi, a_lo = _bf16_hi_lo(a)
+            acc = _bf16_dot(a_lo, b, acc)
+            acc = _bf16_dot(a_hi, b, acc)
+        else:
+            a_hi, a_lo = _bf16_hi_lo(a)
+            b_hi, b_lo = _bf16_hi_lo(b)
+            acc = _bf16_dot(a_lo, b_hi, acc)
+            acc = _bf16_dot(a_hi, b_lo, acc)
+            acc = _bf16_dot(a_hi, b_hi, acc)
+        return acc
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """The LoRA dots' precision for activations x_dtype and adapters adapter_dtype: "tf32" when
+    torch allows TF32 for matmul or the adapters are 16-bit (their dots then read fp32 xa / ds
+    against 16-bit adapters: tf32 keeps both exactly enough at r-deep K), "bf16x3" for fp32
+    adapters with 16-bit activations, "tf32x3" for fp32 activations."""
+    if torch.backends.cuda.matmul.allow_tf32 or adapter_dtype != torch.float32 and x_dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if x_dtype == torch.float32 else "bf16x3"
+
+
 # --------------------------------------------------------------------------------------------
 # Configs. Hopper/Ampere GEMM tiles (Triton matmul tutorial + LoRAFusion's H100 choice
 # 128x256x64, 3 stages, 8 warps); the interpreter gets one config (autotune with several
@@ -112,19 +177,102 @@ def _gemm_configs(small_m: bool = False):
     ]
 
 
+# The backward's dA / dB programs have tiles of their own, whatever the dx config: [BR, 128]
+# of dA and [128, BR] of dB, stepping 64 rows of M (dA reads x [64, 128] per step). Tied to
+# the dx tile they grew with it: at the 128 x 256 dx tile dA's [128, 256] x steps took 278 KB
+# of shared memory (kernel audit, sm_90a). Under the interpreter: 32, so that small test shapes
+# still span several blocks.
+WB_BLOCK_M = tl.constexpr(32 if INTERPRET else 64)
+DA_BLOCK_K = tl.constexpr(32 if INTERPRET else 128)
+DB_BLOCK_N = tl.constexpr(32 if INTERPRET else 128)
+
+
+def _smem_limit(t) -> Optional[int]:
+    """Opt-in shared memory per block of t's GPU (None off a GPU: nothing to prune against)."""
+    if not (isinstance(t, Tensor) and t.is_cuda):
+        return None
+    p = torch.cuda.get_device_properties(t.device)
+    return getattr(p, "shared_memory_per_block_optin", None)
+
+
+def _pipeline_smem(c, elt: int, a_rows: str, b_cols: str, step: str) -> int:
+    kw = c.kwargs
+    return c.num_stages * (kw[a_rows] * kw[step] + kw[step] * kw[b_cols]) * elt
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """Configs whose pipelined x / W0 tiles alone exceed the GPU's shared memory are dropped
+    before autotuning (each would cost a compile and fail to launch)."""
+    x = named_args.get("x_ptr")
+    lim = _smem_limit(x)
+    if lim is None:
+        return configs
+    kept = [c for c in configs if _pipeline_smem(c, x.element_size(), "BLOCK_M", "BLOCK_N", "BLOCK_K") <= lim]
+    return kept or configs[-1:]
+
+
+def _prune_dx_configs(configs, named_args, **kwargs):
+    """Shared memory as _prune_fwd_configs (dy [BM, BN] and W0 [BN, BK] tiles per stage). With dropout the dx tile also holds the keep-mask hash of the LoRA term (prologue):
+    tiles of more than 64 fp32 accumulators per thread spilled 216-712 B (audit, sm_90a), so
+    dropout keeps the smaller tiles."""
+    dy = named_args.get("dy_ptr")
+    lim = _smem_limit(dy)
+    if lim is not None:
+        configs = [c for c in configs
+                   if _pipeline_smem(c, dy.element_size(), "BLOCK_M", "BLOCK_K", "BLOCK_N") <= lim] or configs[-1:]
+    if not kwargs.get("HAS_DROPOUT"):
+        return configs
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+    return kept or configs
+
+
+def _dx_configs():
+    """The backward's configs. Its main GEMM is dx [M, K] = dy W0: output tile BLOCK_M x BLOCK_K,
+    K step BLOCK_N over N. Forward-tuned configs gave it output tiles of 128x64 at best (16x
+    m64n64k16 per step, twice the L2 traffic of 128x256) and two configs of 288 / 240 KB of
+    shared memory that could never launch; these are its own: 128x256 / 256x128 output tiles at
+    a 64-deep K step (3 stages x 48 KB = 144 KB), down to 64x64. BLOCK_M is also the M step of
+    the dA / dB programs, BLOCK_K the dA programs' K block, BLOCK_N the dB programs' N block."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    cfgs = [
+        # (BM, BN = K step, BK, stages, warps); the first three hold 128 accumulators /
+        # thread (no dropout), the others 32-64 (any).
+        (128, 64, 256, 3, 8),
+        (128, 64, 128, 4, 4),
+        (64, 64, 256, 4, 4),
+        (128, 64, 128, 3, 8),
+        (128, 64, 64, 4, 4),
+        (64, 64, 128, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in cfgs
+    ]
+
+
 def _small_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
         for bm, bk, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (32, 256, 3, 4), (128, 128, 3, 8),
-                             (16, 256, 4, 4)]
+                             (16, 256, 3, 4)]
     ]
 
 
 def _block_r(R: int) -> int:
     # tl.dot needs every dim >= 16; r > 64 is looped in 64-wide chunks to bound registers.
     return min(64, max(16, triton.next_power_of_2(R)))
+
+
+def _tile_safe(t: Tensor) -> Tensor:
+    """t, or a contiguous copy when a stride is so large that a tile's 32-bit offsets could
+    overflow (_tile_ptrs: tile edge x stride < 2^31 needs strides < 2^22 at 512-wide tiles)."""
+    return t if max(t.stride(), default=0) < 2**22 else t.contiguous()
 
 
 def _m_key(M: int) -> int:
@@ -175,7 +323,7 @@ def _lora_shrink_kernel(
             mask=mask_k[:, None] & mask_r[None, :], other=0.0,
         )
         if A_FP32:
-            acc = tl.dot(x.to(tl.float32), a, acc, input_precision=LORA_PRECISION)
+            acc = _lora_dot(x, a, acc, LORA_PRECISION)
         else:
             acc = tl.dot(x, a.to(x.dtype), acc)
     if HAS_DROPOUT:
@@ -187,77 +335,112 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
+def _tile_ptrs(a_ptr, b_ptr, m0, n0, M, N, stride_am, stride_ak, stride_bn, stride_bk,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pointers to the first [BM, BK] tile of a (rows m0 + i) and [BK, BN] tile of b^T (rows
+    n0 + j of b [N, K]): a 64-bit scalar base at the tile's first row / column and 32-bit
+    offsets inside the tile (BM x stride < 2^31 for any row stride below 2^24). Rows and
+    columns past M / N wrap to the tile's start (i % (M - m0)), so every load is in bounds
+    without an M / N mask (the wrapped rows are never stored), and the offsets stay
+    contiguous: M - m0 keeps the 16-divisibility of M, so 16-byte loads survive along a
+    contiguous dimension (a clamp to the last row made them 2-byte loads in the dx GEMM)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, BLOCK_M) % (M - m0)
+    cols = tl.arange(0, BLOCK_N) % (N - n0)
+    a_ptrs = (a_ptr + m0.to(tl.int64) * stride_am) + (rows[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = (b_ptr + n0.to(tl.int64) * stride_bn) + (cols[None, :] * stride_bn + offs_k[:, None] * stride_bk)
+    return a_ptrs, b_ptrs
+
+
+@triton.jit
 def _fwd_gemm(
-    acc, x_ptr, w_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, K, R,
+    acc, x_ptr, w_ptr, b_ptr, xa_ptr, pid_m, pid_n, M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
     scale, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # LoRA expand first, as the GEMM's initial accumulator (an extra r-deep K step).
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
+    # The main loop is the Triton tutorial's GEMM (kernels/plain_gemm.py, the audit's
+    # yardstick), addressed by _tile_ptrs: only the K tail is masked, pointers are bumped.
+    # Per-load M / N / K masks, 64-bit offset tensors, or offsets added to the pointer in two
+    # steps each cost 24-34 more instructions per K step (sm_90a: 133 vs 99 at 128x256x64).
+    x_ptrs, w_ptrs = _tile_ptrs(x_ptr, w_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, stride_xm, stride_xk,
+                                stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)  # W0^T [BK, BN]
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    # The LoRA expand after the main loop, one more r-deep K step into the same accumulator
+    # (static: R_CHUNKS = cdiv(R, BLOCK_R) is 1 up to r = 64). Before the loop it delayed the
+    # first prefetches by its own loads and multiplied the whole accumulator by the scale; here
+    # the scale goes on the [BM, BR] xa tile (1/16 of the multiplies at BN = 256, r = 16).
+    for c in tl.static_range(R_CHUNKS):
+        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         s = tl.load(
             xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
             mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-        )
+        ) * scale
         b = tl.load(  # B^T tile [BR, BN]
             b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
             mask=mask_r[:, None] & mask_n[None, :], other=0.0,
         )
-        acc = tl.dot(s, b.to(tl.float32), acc, input_precision=LORA_PRECISION)
-    acc = acc * scale
-
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptrs + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs + offs_k[:, None] * stride_wk,  # W0^T tile [BK, BN]
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc = _lora_dot(s, b, acc, LORA_PRECISION)
     return acc
 
 
 @triton.jit
 def _fwd_gemm_fused_shrink(
-    acc, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, pid_n, K, R,
+    acc, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, pid_m, pid_n, M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_sm, stride_sr, stride_bn, stride_br, scale,
     INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, A_FP32: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # The main loop of _fwd_gemm plus the r-wide shrink dot on the same x tile. The expand goes
+    # into acc itself (with the scale on the [BM, BR] xa): adding a second [BM, BN] dot result
+    # to acc doubled the accumulator registers and spilled 256-560 B (audit, sm_90a).
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptrs + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs + offs_k[:, None] * stride_wk,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    x_ptrs, w_ptrs = _tile_ptrs(x_ptr, w_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, stride_xm, stride_xk,
+                                stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (offs_k[:, None] * stride_ak + (offs_r % R)[None, :] * stride_ar)  # A^T tile
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        a = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,  # A^T tile
-                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)
         if A_FP32:
-            xa = tl.dot(x.to(tl.float32), a, xa, input_precision=LORA_PRECISION)
+            xa = _lora_dot(x, a, xa, LORA_PRECISION)
         else:
             xa = tl.dot(x, a.to(x.dtype), xa)
-    b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    acc += tl.dot(xa, b.to(tl.float32), input_precision=LORA_PRECISION) * scale
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+    xa = tl.where(mask_r[None, :], xa, 0.0)  # columns past R read A's rows again (% R)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
     if pid_n == 0:
         tl.store(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr, xa,
                  mask=mask_m[:, None] & mask_r[None, :])
+    b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
+    acc = _lora_dot(xa * scale, b, acc, LORA_PRECISION)
     return acc
 
 
-@triton.autotune(configs=_gemm_configs(small_m=True), key=["M_KEY", "N", "K", "R", "FUSE_SHRINK"])
+@triton.autotune(configs=_gemm_configs(small_m=True), key=["M_KEY", "N", "K", "R", "FUSE_SHRINK"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
@@ -267,7 +450,7 @@ def _lora_fwd_kernel(
     scale,
     a_ptr, stride_ar, stride_ak,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, A_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, A_FP32: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = x W0^T + b + scale * xa B^T, one [BM, BN] tile per program, y written once.
@@ -289,16 +472,16 @@ def _lora_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSE_SHRINK:
         acc = _fwd_gemm_fused_shrink(
-            acc, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, pid_n, K, R,
+            acc, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, pid_m, pid_n, M, N, K, R,
             stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
             stride_sm, stride_sr, stride_bn, stride_br, scale,
-            INPUT_PRECISION, LORA_PRECISION, A_FP32, BLOCK_R, BLOCK_M, BLOCK_K,
+            INPUT_PRECISION, LORA_PRECISION, A_FP32, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
         )
     else:
         acc = _fwd_gemm(
-            acc, x_ptr, w_ptr, b_ptr, xa_ptr, offs_m, offs_n, mask_m, mask_n, K, R,
+            acc, x_ptr, w_ptr, b_ptr, xa_ptr, pid_m, pid_n, M, N, K, R,
             stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
-            scale, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, BLOCK_K,
+            scale, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, R_CHUNKS, BLOCK_M, BLOCK_N, BLOCK_K,
         )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
@@ -337,6 +520,7 @@ def lora_linear_fwd(
     fused_lora.bench linear` times both)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    x, weight = _tile_safe(x), _tile_safe(weight)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     xa = torch.empty(M, R, device=x.device, dtype=torch.float32)
     if M == 0 or N == 0:
@@ -348,12 +532,14 @@ def lora_linear_fwd(
     BLOCK_R = _block_r(R)
     prec = _fp32_precision()
     a_fp32 = lora_A.dtype == torch.float32
-    lora_prec = "tf32x3" if (a_fp32 or x.dtype == torch.float32) and prec == "ieee" else "tf32"
+    lora_prec = lora_precision(x.dtype, lora_A.dtype)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()  # the epilogue reads bias as ptr + n: a strided view reads wrong
     if shrink not in ("pre", "fused"):
         raise ValueError(f"shrink must be 'pre' or 'fused', got {shrink!r}")
-    fuse = shrink == "fused" and dropout_p == 0.0 and R <= BLOCK_R
+    # fp32 adapters: the bf16 hi / lo split of every A tile inside the K loop cost 1.8-5.3x the
+    # plain GEMM's instructions per step (audit, sm_90a), so they take the pre-kernel.
+    fuse = shrink == "fused" and dropout_p == 0.0 and R <= BLOCK_R and not a_fp32
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if not fuse:
             _lora_shrink_kernel[lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](
@@ -372,7 +558,7 @@ def lora_linear_fwd(
             float(scale),
             lora_A, lora_A.stride(0), lora_A.stride(1),
             HAS_BIAS=bias is not None, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
-            FUSE_SHRINK=fuse, A_FP32=a_fp32, BLOCK_R=BLOCK_R,
+            FUSE_SHRINK=fuse, A_FP32=a_fp32, BLOCK_R=BLOCK_R, R_CHUNKS=triton.cdiv(R, BLOCK_R),
         )
     return y, xa
 
@@ -419,11 +605,12 @@ def _lora_bwd_ds_kernel(
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)
             if B_FP32:
-                acc = tl.dot(dy.to(tl.float32), b, acc, input_precision=LORA_PRECISION)
+                acc = _lora_dot(dy, b, acc, LORA_PRECISION)
             else:
                 acc = tl.dot(dy, b.to(dy.dtype), acc)
         if COMPUTE_DB:
-            part = tl.dot(tl.trans(dy.to(tl.float32)), s, input_precision=LORA_PRECISION) * scale
+            part = _lora_dot(tl.trans(dy), s, tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32),
+                             LORA_PRECISION) * scale
             tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                           part, mask=mask_n[:, None] & mask_r[None, :])
     if COMPUTE_DS:
@@ -453,7 +640,7 @@ def _bwd_da_program(
         x = tl.load(
             x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        ).to(tl.float32)
+        )
         if HAS_DROPOUT:
             keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
             x = tl.where(keep, x, 0.0)
@@ -461,7 +648,7 @@ def _bwd_da_program(
             ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm,
             mask=mask_r[:, None] & mask_m[None, :], other=0.0,
         )
-        acc = tl.dot(ds_t, x, acc, input_precision=LORA_PRECISION)
+        acc = _lora_dot(ds_t, x, acc, LORA_PRECISION)
     if HAS_DROPOUT:
         acc = acc * drop_scale
     tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
@@ -490,13 +677,29 @@ def _bwd_db_program(
         dy_t = tl.load(  # dy^T tile [BN, BM]
             dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :].to(tl.int64) * stride_dym,
             mask=mask_n[:, None] & mask_m[None, :], other=0.0,
-        ).to(tl.float32)
+        )
         s = tl.load(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(dy_t, s, acc, input_precision=LORA_PRECISION)
+        acc = _lora_dot(dy_t, s, acc, LORA_PRECISION)
     acc = acc * scale
     tl.store(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
              acc.to(db_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _bwd_dx_lora(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                 stride_dsm, stride_dsr, stride_ar, stride_ak,
+                 LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr):
+    # acc + ds A over the tile (r-deep: R_CHUNKS = cdiv(R, BLOCK_R) static steps, 1 up to r = 64)
+    for c in tl.static_range(R_CHUNKS):
+        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc = _lora_dot(ds, a, acc, LORA_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -506,10 +709,16 @@ def _bwd_dx_program(
     stride_dsm, stride_dsr, stride_dxm, stride_dxk,
     key1, key2, drop_thresh, drop_scale,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One dx tile [BM, BK] = dy W0 + drop'(ds A): the LoRA term is the initial accumulator."""
+    """One dx tile [BM, BK] = dy W0 + drop'(ds A), K step BLOCK_N over N.
+
+    Without dropout the LoRA term is one more r-deep step after the main loop, into the same
+    accumulator: before the loop it delayed the first prefetches, and with fp32 adapters ptxas
+    serialised the wgmma chain it fed (C7515, kernel audit). With dropout it is masked on its
+    own, so it stays the accumulator's initial value (a second [BM, BK] fp32 tile after the loop
+    would double the accumulator registers)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = _grouped_pid(pid, num_m, num_k, GROUP_M)
@@ -518,33 +727,30 @@ def _bwd_dx_program(
     mask_m = offs_m < M
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(ds, a.to(tl.float32), acc, input_precision=LORA_PRECISION)
     if HAS_DROPOUT:
+        acc = _bwd_dx_lora(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                           stride_dsm, stride_dsr, stride_ar, stride_ak, LORA_PRECISION, BLOCK_R, R_CHUNKS)
         keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
         acc = tl.where(keep, acc * drop_scale, 0.0)
-    dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
-    w_ptrs = w_ptr + offs_k[None, :] * stride_wk
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        dy = tl.load(dy_ptrs + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs + offs_n[:, None].to(tl.int64) * stride_wn,  # W0 tile [BN, BK]
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    # main loop: as the forward's (see _tile_ptrs), with the roles dy = a [M, N], W0 = b^T.
+    dy_ptrs, w_ptrs = _tile_ptrs(dy_ptr, w_ptr, pid_m * BLOCK_M, pid_k * BLOCK_K, M, K, stride_dym, stride_dyn,
+                                 stride_wk, stride_wn, BLOCK_M, BLOCK_K, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        dy = tl.load(dy_ptrs, mask=offs_n[None, :] < N - n * BLOCK_N, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_n[:, None] < N - n * BLOCK_N, other=0.0)  # W0 tile [BN, BK]
         acc = tl.dot(dy.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
+    if not HAS_DROPOUT:
+        acc = _bwd_dx_lora(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                           stride_dsm, stride_dsr, stride_ar, stride_ak, LORA_PRECISION, BLOCK_R, R_CHUNKS)
     tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-
-@triton.autotune(configs=_gemm_configs(), key=["M_KEY", "N", "K", "R", "NEED_DX", "NEED_DA", "NEED_DB"])
+@triton.autotune(configs=_dx_configs(), key=["M_KEY", "N", "K", "R", "NEED_DX", "NEED_DA", "NEED_DB"],
+                 prune_configs_by={"early_config_prune": _prune_dx_configs})
 @triton.jit(do_not_specialize=["key1", "key2", "drop_thresh"])
 def _lora_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, a_ptr, ds_ptr, xa_ptr, dx_ptr, da_ptr, db_ptr,
@@ -555,7 +761,7 @@ def _lora_bwd_kernel(
     scale, key1, key2, drop_thresh, drop_scale,
     NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One launch, three kinds of program (in this pid order):
@@ -567,10 +773,10 @@ def _lora_bwd_kernel(
     num_r = tl.cdiv(R, BLOCK_R)
     num_da = 0
     if NEED_DA:
-        num_da = tl.cdiv(K, BLOCK_K) * num_r
+        num_da = tl.cdiv(K, DA_BLOCK_K) * num_r
     num_db = 0
     if NEED_DB:
-        num_db = tl.cdiv(N, BLOCK_N) * num_r
+        num_db = tl.cdiv(N, DB_BLOCK_N) * num_r
     # Each kind of program is its own function: compiled Triton requires a variable assigned
     # in both arms of a runtime `if` to have one type, and the three tiles differ in shape.
     if pid < num_da:
@@ -578,13 +784,13 @@ def _lora_bwd_kernel(
             pid, x_ptr, ds_ptr, da_ptr, M, K, R, num_r,
             stride_xm, stride_xk, stride_dsm, stride_dsr, stride_dar, stride_dak,
             key1, key2, drop_thresh, drop_scale,
-            HAS_DROPOUT, LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K,
+            HAS_DROPOUT, LORA_PRECISION, BLOCK_R, WB_BLOCK_M, DA_BLOCK_K,
         )
     elif pid < num_da + num_db:
         _bwd_db_program(
             pid - num_da, dy_ptr, xa_ptr, db_ptr, M, N, R, num_r,
             stride_dym, stride_dyn, stride_sm, stride_sr, stride_dbn, stride_dbr, scale,
-            LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N,
+            LORA_PRECISION, BLOCK_R, WB_BLOCK_M, DB_BLOCK_N,
         )
     elif NEED_DX:
         _bwd_dx_program(
@@ -592,7 +798,8 @@ def _lora_bwd_kernel(
             stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
             stride_dsm, stride_dsr, stride_dxm, stride_dxk,
             key1, key2, drop_thresh, drop_scale,
-            HAS_DROPOUT, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            HAS_DROPOUT, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, R_CHUNKS, BLOCK_M, BLOCK_N, BLOCK_K,
+            GROUP_M,
         )
 
 
@@ -616,6 +823,7 @@ def lora_linear_bwd(
     kernel accumulates it with fp32 atomics, saving one read of dy."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    dy, weight = _tile_safe(dy), _tile_safe(weight)
     dx = torch.empty(M, K, device=x.device, dtype=x.dtype) if needs_dx else x.new_empty(0)
     dA = torch.empty_like(lora_A) if needs_dA else lora_A.new_empty(0)
     dB = torch.empty_like(lora_B) if needs_dB else lora_B.new_empty(0)
@@ -628,7 +836,7 @@ def lora_linear_bwd(
     BLOCK_R = _block_r(R)
     prec = _fp32_precision()
     b_fp32 = lora_B.dtype == torch.float32
-    lora_prec = "tf32x3" if (b_fp32 or x.dtype == torch.float32) and prec == "ieee" else "tf32"
+    lora_prec = lora_precision(x.dtype, lora_B.dtype)
     need_ds = needs_dx or needs_dA
     deterministic = torch.are_deterministic_algorithms_enabled()
     atomic_db = needs_dB and not deterministic
@@ -651,9 +859,9 @@ def lora_linear_bwd(
                 nr = triton.cdiv(R, BLOCK_R)
                 n = 0
                 if needs_dA:
-                    n += triton.cdiv(K, META["BLOCK_K"]) * nr
+                    n += triton.cdiv(K, DA_BLOCK_K) * nr
                 if det_db:
-                    n += triton.cdiv(N, META["BLOCK_N"]) * nr
+                    n += triton.cdiv(N, DB_BLOCK_N) * nr
                 if needs_dx:
                     n += triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])
                 return (n,)
@@ -672,7 +880,7 @@ def lora_linear_bwd(
                 float(scale), key1, key2, thresh, drop_scale,
                 NEED_DX=needs_dx, NEED_DA=needs_dA, NEED_DB=det_db,
                 HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
-                BLOCK_R=BLOCK_R,
+                BLOCK_R=BLOCK_R, R_CHUNKS=triton.cdiv(R, BLOCK_R),
             )
     if atomic_db:
         dB.copy_(db_acc)

@@ -86,7 +86,9 @@ from fused_lora.kernels.lora_linear import (
     _block_r,
     _fp32_precision,
     _grouped_pid,
+    _lora_dot,
     _m_key,
+    lora_precision,
 )
 from fused_lora.routing import BLOCK_M as ROUTING_BLOCK_M
 from fused_lora.routing import RoutingView
@@ -249,7 +251,7 @@ def _mlora_sgmv_shrink_kernel(
             a = tl.load(a_slot + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,  # P^T
                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             if A_FP32:
-                acc = tl.dot(x.to(tl.float32), a, acc, input_precision=LORA_PRECISION)
+                acc = _lora_dot(x, a, acc, LORA_PRECISION)
             else:
                 acc = tl.dot(x, a.to(x.dtype), acc)
         if APPLY_SCALE:
@@ -276,8 +278,8 @@ def _mlora_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One [BM, BN] output tile per program, written once; the LoRA expand is the
-    accumulator's first step, then the base GEMM's K loop.
+    """One [BM, BN] output tile per program, written once; the LoRA expand goes into the base
+    GEMM's accumulator (decode: before its K loop, prefill: after it).
 
     SEGMENTED=False (decode): tiles of consecutive tokens, each row gathers its own Q[ids[t]].
     SEGMENTED=True (prefill): tile j of the tile table (one adapter, rows perm[row0:row1]); the
@@ -300,24 +302,7 @@ def _mlora_fwd_kernel(
     rows64 = rows.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SEGMENTED:
-        slot = tl.load(tile_slot_ptr + pid_t)
-        valid = (slot >= 0) & (slot < N_SLOTS)
-        slot = tl.where(valid, slot, 0)
-        rank = _slot_rank(ranks_ptr, slot, valid, R_MAX, HAS_RANKS)
-        b_slot = b_ptr + slot.to(tl.int64) * stride_bs
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            s = tl.load(xa_ptr + rows64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            b = tl.load(b_slot + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,  # Q^T
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(s, b.to(tl.float32), acc, input_precision=LORA_PRECISION)
-        if APPLY_SCALE:
-            if rank > 0:
-                acc = acc * tl.load(scales_ptr + slot).to(tl.float32)
-    else:
+    if not SEGMENTED:
         ids = tl.load(ids_ptr + rows, mask=mask_m, other=-1)
         valid = (ids >= 0) & (ids < N_SLOTS)
         slots = tl.where(valid, ids, 0)
@@ -343,6 +328,28 @@ def _mlora_fwd_kernel(
         w = tl.load(w_ptrs + offs_k[:, None].to(tl.int64) * stride_wk,  # W^T tile [BK, BN]
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+
+    if SEGMENTED:
+        # The tile's one adapter: its expand is tensor-core dots after the main loop, into the
+        # same accumulator, with the scale on the [BM, BR] xa tile. Before the loop, with a
+        # conditional `acc *= scale`, ptxas serialised the main loop's wgmma (C7515 on all 5
+        # configs, audit sm_90a); with APPLY_SCALE=0 (backward's use) it compiled clean.
+        slot = tl.load(tile_slot_ptr + pid_t)
+        valid = (slot >= 0) & (slot < N_SLOTS)
+        slot = tl.where(valid, slot, 0)
+        rank = _slot_rank(ranks_ptr, slot, valid, R_MAX, HAS_RANKS)
+        b_slot = b_ptr + slot.to(tl.int64) * stride_bs
+        sc = 1.0
+        if APPLY_SCALE:
+            sc = tl.load(scales_ptr + slot).to(tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            s = tl.load(xa_ptr + rows64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0) * sc
+            b = tl.load(b_slot + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,  # Q^T
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _lora_dot(s, b, acc, LORA_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
@@ -408,10 +415,10 @@ def _mlora_bwd_weight_kernel(
                 mask_m = offs_i < length
                 tok = tl.load(perm_ptr + start + offs_i, mask=mask_m, other=0).to(tl.int64)
                 x = tl.load(x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 ds_t = tl.load(ds_ptr + offs_r[:, None] * stride_dsr + tok[None, :] * stride_dsm,
                                mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-                acc = tl.dot(ds_t, x, acc, input_precision=LORA_PRECISION)
+                acc = _lora_dot(ds_t, x, acc, LORA_PRECISION)
             tl.store(da_ptr + slot.to(tl.int64) * stride_das + offs_r[:, None] * stride_dar
                      + offs_k[None, :] * stride_dak,
                      acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
@@ -430,10 +437,10 @@ def _mlora_bwd_weight_kernel(
                 mask_m = offs_i < length
                 tok = tl.load(perm_ptr + start + offs_i, mask=mask_m, other=0).to(tl.int64)
                 dy_t = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + tok[None, :] * stride_dym,
-                               mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+                               mask=mask_n[:, None] & mask_m[None, :], other=0.0)
                 s = tl.load(xa_ptr + tok[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                acc = tl.dot(dy_t, s, acc, input_precision=LORA_PRECISION)
+                acc = _lora_dot(dy_t, s, acc, LORA_PRECISION)
             acc = acc * tl.load(scales_ptr + slot).to(tl.float32)
             tl.store(db_ptr + slot.to(tl.int64) * stride_dbs + offs_n[:, None] * stride_dbn
                      + offs_r[None, :] * stride_dbr,
@@ -487,11 +494,6 @@ def _sm_count(index: Optional[int]) -> int:
                                             ).multi_processor_count
 
 
-def _lora_precision(x_dtype: torch.dtype, p_dtype: torch.dtype) -> str:
-    prec = _fp32_precision()
-    return "tf32x3" if (p_dtype == torch.float32 or x_dtype == torch.float32) and prec == "ieee" else "tf32"
-
-
 def _launch_shrink(inp: Tensor, P: Tensor, stride_ps: int, stride_pr: int, stride_pk: int,
                    ids: Tensor, ranks: Optional[Tensor], scales: Tensor, out: Tensor,
                    n_slots: int, R: int, apply_scale: bool, kind: str, split: int,
@@ -526,7 +528,7 @@ def _launch_shrink(inp: Tensor, P: Tensor, stride_ps: int, stride_pr: int, strid
         K, n_slots, R, _m_key(M),
         inp.stride(0), inp.stride(1), stride_ps, stride_pr, stride_pk, out.stride(0), out.stride(1),
         HAS_RANKS=ranks is not None, APPLY_SCALE=apply_scale,
-        A_FP32=P.dtype == torch.float32, LORA_PRECISION=_lora_precision(inp.dtype, P.dtype),
+        A_FP32=P.dtype == torch.float32, LORA_PRECISION=lora_precision(inp.dtype, P.dtype),
         BLOCK_R=BLOCK_R, BLOCK_M=_SEG_BLOCK_M,
     )
     return out
@@ -541,7 +543,7 @@ def _launch_gemm(x: Tensor, w: Tensor, stride_wn: int, stride_wk: int, N: int, b
     M, K = x.shape
     ranks_t = ranks if ranks is not None else ids
     prec = _fp32_precision()
-    lora_prec = _lora_precision(x.dtype, Q.dtype)
+    lora_prec = lora_precision(x.dtype, Q.dtype)
     common = dict(HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, APPLY_SCALE=apply_scale,
                   INPUT_PRECISION=prec, LORA_PRECISION=lora_prec)
     bias_t = bias if bias is not None else y
@@ -689,7 +691,7 @@ def multi_lora_linear_bwd(
                 xa.stride(0), xa.stride(1), dat.stride(0), dat.stride(1), dat.stride(2),
                 dbt.stride(0), dbt.stride(1), dbt.stride(2),
                 NEED_DA=needs_dA, NEED_DB=needs_dB, HAS_RANKS=ranks is not None,
-                LORA_PRECISION=_lora_precision(x.dtype, lora_A.dtype),
+                LORA_PRECISION=lora_precision(x.dtype, lora_A.dtype),
                 BLOCK_R=BLOCK_R, BLOCK_M=_SEG_BLOCK_M,
             )
     return dx, dA, dB

@@ -212,14 +212,16 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 
 
 def _prune_dx_configs(configs, named_args, **kwargs):
-    """Shared memory as _prune_fwd_configs (dy [BM, BN] and W0 [BN, BK] tiles per stage). With dropout the dx tile also holds the keep-mask hash of the LoRA term (prologue):
+    """Shared memory as _prune_fwd_configs (dy [BM, BN] and W0 [BN, BK] tiles per stage).
+    With dropout the dx tile also holds the keep-mask hash of the LoRA term (prologue):
     tiles of more than 64 fp32 accumulators per thread spilled 216-712 B (audit, sm_90a), so
     dropout keeps the smaller tiles."""
     dy = named_args.get("dy_ptr")
     lim = _smem_limit(dy)
     if lim is not None:
+        elt = dy.element_size()
         configs = [c for c in configs
-                   if _pipeline_smem(c, dy.element_size(), "BLOCK_M", "BLOCK_K", "BLOCK_N") <= lim] or configs[-1:]
+                   if _pipeline_smem(c, elt, "BLOCK_M", "BLOCK_K", "BLOCK_N") <= lim] or configs[-1:]
     if not kwargs.get("HAS_DROPOUT"):
         return configs
     kept = [c for c in configs
@@ -733,8 +735,8 @@ def _bwd_dx_program(
         keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
         acc = tl.where(keep, acc * drop_scale, 0.0)
     # main loop: as the forward's (see _tile_ptrs), with the roles dy = a [M, N], W0 = b^T.
-    dy_ptrs, w_ptrs = _tile_ptrs(dy_ptr, w_ptr, pid_m * BLOCK_M, pid_k * BLOCK_K, M, K, stride_dym, stride_dyn,
-                                 stride_wk, stride_wn, BLOCK_M, BLOCK_K, BLOCK_N)
+    dy_ptrs, w_ptrs = _tile_ptrs(dy_ptr, w_ptr, pid_m * BLOCK_M, pid_k * BLOCK_K, M, K,
+                                 stride_dym, stride_dyn, stride_wk, stride_wn, BLOCK_M, BLOCK_K, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         dy = tl.load(dy_ptrs, mask=offs_n[None, :] < N - n * BLOCK_N, other=0.0)

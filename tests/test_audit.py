@@ -122,7 +122,8 @@ def test_gates_on_synthetic_rows():
              instrs_per_step=130.0),
     ])
     got = sorted((g["gate"], g["kernel"]) for g in audit.gates(rep))
-    assert got == [("ratio", "_lora_bwd_kernel"), ("ratio", "_lora_fwd_kernel"), ("spill", "_lora_fwd_kernel"),
+    assert got == [("ratio", "_lora_bwd_kernel"), ("ratio", "_lora_fwd_kernel"),
+                   ("spill", "_lora_fwd_kernel"),
                    ("unlaunchable", "_lora_fwd_kernel"), ("wgmma-serialised", "_lora_fwd_kernel")]
 
 
@@ -179,7 +180,8 @@ def test_audit_covers_every_hot_kernel_and_config(report, monkeypatch):
     # the GPU list, not this process's: under TRITON_INTERPRET=1 the kernel module keeps one config
     monkeypatch.setattr(audit.L, "INTERPRET", False)
     assert len(fwd) == len(audit.L._gemm_configs(small_m=True))
-    assert {r["n_configs"] for r in _rows(report, case="train-bf16-r16", kernel="_lora_fwd_kernel")} == {len(fwd)}
+    fwd_rows = _rows(report, case="train-bf16-r16", kernel="_lora_fwd_kernel")
+    assert {r["n_configs"] for r in fwd_rows} == {len(fwd)}
     assert all(r["ratio"] is not None for r in _rows(report, kernel="_lora_fwd_kernel"))
 
 

@@ -84,7 +84,8 @@ def test_split_keeps_fp32_range():
         a = a * mag
         bb = bb / mag
         y, xa = L.lora_linear_fwd(x, w, b, a, bb, 1.0, 0.0, 0)
-        y64, xa64 = ref.lora_linear_fwd(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0, 0.0, 0)
+        y64, xa64 = ref.lora_linear_fwd(x.double(), w.double(), b.double(), a.double(), bb.double(),
+                                        1.0, 0.0, 0)
         assert torch.isfinite(y).all() and torch.isfinite(xa).all()
         assert _rel(xa, xa64) <= 2**-14, _rel(xa, xa64)
         assert_close_2x(y, y64, _pt_fwd(x, w, b, a, bb, 1.0), "y")
@@ -153,8 +154,8 @@ def test_configs_pruned_by_shared_memory(monkeypatch):
     monkeypatch.setattr(L, "_smem_limit", lambda t: 100 * 1024)
     kept = L._prune_fwd_configs(fwd, {"x_ptr": x})
     assert 0 < len(kept) < len(fwd)
-    assert all(c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2 <= 100 * 1024
-               for c in kept)
+    kw = [(c.num_stages, c.kwargs) for c in kept]
+    assert all(s * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * 2 <= 100 * 1024 for s, k in kw)
     kept_dx = L._prune_dx_configs(dx, {"dy_ptr": x})
     assert 0 < len(kept_dx) < len(dx)
     assert not any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) == (128, 256) for c in kept_dx)

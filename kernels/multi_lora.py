@@ -18,23 +18,24 @@ the gathered GEMM, for large batches over large banks):
   is bound by reading A[i], r x K elements per token). With few tokens a grid of M programs
   cannot fill the GPU (M = 1 -> 1 program), so K is split into SPLIT_K slices whose fp32
   partials go to a [SPLIT_K, M, R] buffer summed by torch (deterministic, no atomics).
-  The expand is fused into the base GEMM in token order: each row of a [BM, BN] tile gathers
-  its own B[ids[t]] slice, one rank column per step (a [BM, BN] outer-product FMA on CUDA
-  cores, r/K = 16/4096 of the GEMM's work; a row's r columns share 32-byte sectors, so L1
-  serves the later columns), into the accumulator before the K loop. (A [BM, BN, BR] 3-D
-  gather+reduce variant spilled 300-1100 stack bytes per thread in ptxas for sm_90.)
+  The expand is fused into the base GEMM in token order, after its K loop: each row of a
+  [BM, BN] tile gathers its own B[ids[t]] slice, BLOCK_RV rank columns at a time as a
+  [BM, BN, RV] block (16-byte loads along r, B's contiguous dim; an outer-product FMA on CUDA
+  cores, r/K = 16/4096 of the GEMM's work). Narrow N tiles (BN = 16 / 32) give a full wave of
+  CTAs at decode sizes (N = 4096: 256 / 128 CTAs).
 * "prefill" (SGMV-like; many tokens per adapter). Tokens are grouped by adapter on the device
   (stable argsort of the ids; segments and a tile table by searchsorted; no host sync, no
   data-dependent shape). Every segment is cut into BLOCK_M-row tiles (so one huge group is
   spread over many programs instead of idling the GPU), and each tile shares one adapter: the
-  shrink and the expand are tensor-core tl.dot's on gathered rows, the expand again being the
-  first step of the base GEMM's accumulator. The grid is sized by the upper bound
+  shrink and the expand are tensor-core tl.dot's on gathered rows, the expand again going into
+  the base GEMM's accumulator after its K loop. The grid is sized by the upper bound
   cdiv(M, BM) + min(n_slots + 1, M) tiles (each segment adds at most one partial tile);
   programs past the real tile count exit at once.
 
-Ranks: loops over r run to ranks[i] (chunks of <= 64 columns; 1 in the gathered expand), so
-chunks wholly beyond a slot's rank are never visited, and every load of A / B / xa is masked at
-the rank, so padding columns (which may hold NaN) are never read. Ids outside [0, n_slots) --
+Ranks: loops over r run to ranks[i] (chunks of <= 64 columns; BLOCK_RV in the gathered
+expand), so chunks wholly beyond a slot's rank are never visited, and padding columns (which
+may hold NaN) never reach an output: loads are masked at the rank, except the decode kernels'
+vector loads, masked at the bank's width and zeroed (or left in unstored rows) after. Ids outside [0, n_slots) --
 -1 by contract, anything else only with validate=False -- are treated as -1 in every kernel:
 rank 0, slot index clamped to 0 for address arithmetic, all adapter loads masked off.
 
@@ -99,9 +100,13 @@ __all__ = ["multi_lora_linear_fwd", "multi_lora_linear_bwd"]
 _DECODE_MAX_M = 64
 # Rows per prefill tile: the routing plan's tile table is cut at fused_lora.routing.BLOCK_M.
 _SEG_BLOCK_M = ROUTING_BLOCK_M
-# BGMV shrink: 16 rank columns x BLOCK_K elements of A per step.
+# BGMV shrink: 16 rank columns x BLOCK_K elements of A per step, 8 warps: one step is 16 KB of
+# bf16 A in 16-byte loads issued together. At decode sizes a slice is one step (M = 16 tokens,
+# r = 16, K = 4096 is 2 MB of A over 128 programs: all of it in flight at once); HBM latency
+# needs ~32 KB in flight per SM, which 16 KB per program with 2+ programs per SM gives.
 _BGMV_BLOCK_R = 16
-_BGMV_BLOCK_K = 32 if INTERPRET else 256
+_BGMV_BLOCK_K = 32 if INTERPRET else 512
+_BGMV_WARPS = 4 if INTERPRET else 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,16 +116,37 @@ _BGMV_BLOCK_K = 32 if INTERPRET else 256
 
 def _gather_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    # (BM, BN, BK, stages, warps): narrow M for decode batches, wide K for bandwidth. All compile
-    # for sm_90 without register spills (ptxas, bf16: 128-226 registers, 0 stack bytes); tiles
-    # of 128 x 64 and up spill 560-5400 bytes in the gathered expand, so M > 64 keeps BM <= 64.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "BLOCK_RV": 4})]
+    # (BM, BN, BK, stages, warps): narrow M for decode batches, wide K for bandwidth; BN = 16 / 32
+    # so that M <= 16 tokens at N = 4096 still launch 256 / 128 CTAs (BN = 64 gave 64 CTAs on 132
+    # SMs; _prune_gather_configs keeps the full-wave ones on the GPU at hand). BLOCK_RV (rank
+    # columns per gathered-B step) keeps the [BM, BN, RV] block at <= 64 values per thread: 8
+    # (16-byte loads) on the small tiles.
     cfgs = [
+        (16, 16, 256, 4, 4), (16, 16, 128, 4, 4), (16, 32, 256, 3, 4), (16, 32, 128, 4, 4),
         (16, 64, 128, 4, 4), (16, 128, 64, 4, 8), (32, 64, 128, 4, 8),
         (32, 128, 64, 3, 8), (64, 64, 64, 4, 8), (16, 64, 256, 3, 4),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                           "BLOCK_RV": max(1, min(8, 64 * 32 * w // (bm * bn)))},
                           num_stages=s, num_warps=w) for bm, bn, bk, s, w in cfgs]
+
+
+def _prune_gather_configs(configs, named_args, **kwargs):
+    """Decode on a GPU: keep the configs whose grid fills every SM at least once (one full
+    wave), when any does; a 64-CTA grid on 132 SMs leaves half the HBM bandwidth unused."""
+    x = named_args.get("x_ptr")
+    if not (isinstance(x, Tensor) and x.is_cuda):
+        return configs
+    return _full_wave(configs, named_args["M"], named_args["N"], _sm_count(x.device.index))
+
+
+def _full_wave(configs, M: int, N: int, n_sms: int):
+    def ctas(c):
+        return triton.cdiv(M, c.kwargs["BLOCK_M"]) * triton.cdiv(N, c.kwargs["BLOCK_N"])
+
+    full = [c for c in configs if ctas(c) >= n_sms]
+    return full or [c for c in configs if ctas(c) == max(ctas(c) for c in configs)]
 
 
 def _seg_gemm_configs():
@@ -198,14 +224,21 @@ def _mlora_bgmv_shrink_kernel(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
+        # Loads are masked at the bank's width R_MAX (16-divisible: 16-byte vector loads along
+        # r when r is P's contiguous dim, as for ds = dy B), not at the slot's rank (a loaded
+        # value: the backward's loads of B were 2-byte, audit sm_90a). Columns in [rank, R_MAX)
+        # may hold anything (NaN): they only reach rows of acc that are never stored. x is
+        # loaded as a [1, BK] tile in a's layout (a 1-D x broadcast against a needed a
+        # shared-memory layout conversion in every step).
+        mask_rb = offs_r < R_MAX
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_hi
-            x = tl.load(x_row + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+            x = tl.load(x_row + offs_k[None, :] * stride_xk, mask=mask_k[None, :], other=0.0).to(tl.float32)
             a = tl.load(a_slot + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc += a * x[None, :]
+                        mask=mask_rb[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            acc += a * x
         part = tl.sum(acc, axis=1) * scale
         tl.store(out_row + offs_r * stride_or, part, mask=mask_r)
 
@@ -276,10 +309,10 @@ def _mlora_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, APPLY_SCALE: tl.constexpr,
     SEGMENTED: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_RV: tl.constexpr = 1,
 ):
     """One [BM, BN] output tile per program, written once; the LoRA expand goes into the base
-    GEMM's accumulator (decode: before its K loop, prefill: after it).
+    GEMM's accumulator after its K loop.
 
     SEGMENTED=False (decode): tiles of consecutive tokens, each row gathers its own Q[ids[t]].
     SEGMENTED=True (prefill): tile j of the tile table (one adapter, rows perm[row0:row1]); the
@@ -302,22 +335,6 @@ def _mlora_fwd_kernel(
     rows64 = rows.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if not SEGMENTED:
-        ids = tl.load(ids_ptr + rows, mask=mask_m, other=-1)
-        valid = (ids >= 0) & (ids < N_SLOTS)
-        slots = tl.where(valid, ids, 0)
-        ranks = _slot_rank(ranks_ptr, slots, valid, R_MAX, HAS_RANKS)
-        r_hi = tl.max(ranks, axis=0)  # columns past every row's rank are never visited
-        b_rows = b_ptr + slots.to(tl.int64)[:, None] * stride_bs + offs_n[None, :] * stride_bn
-        for r in range(0, r_hi):
-            live = r < ranks  # [BM]
-            s = tl.load(xa_ptr + rows64 * stride_sm + r * stride_sr, mask=live, other=0.0)
-            b = tl.load(b_rows + r * stride_br, mask=live[:, None] & mask_n[None, :], other=0.0)
-            acc += s[:, None] * b.to(tl.float32)
-        if APPLY_SCALE:
-            sc = tl.load(scales_ptr + slots, mask=ranks > 0, other=0.0).to(tl.float32)
-            acc = acc * sc[:, None]
-
     x_ptrs = x_ptr + rows64[:, None] * stride_xm
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
     for k0 in range(0, K, BLOCK_K):
@@ -329,6 +346,31 @@ def _mlora_fwd_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
 
+    if not SEGMENTED:
+        # Decode: every row gathers its own B[ids[t]] [BN, r] slice, after the main loop (before
+        # it, its loads delayed the first W prefetches). The slice is read BLOCK_RV rank columns
+        # at a time as a [BM, BN, RV] block, r being B's contiguous dim: 16-byte loads at RV = 8
+        # (one rank column per step made them 2-byte loads, audit sm_90a). Loads are masked at
+        # the bank's width R_MAX (16-divisible) and the dead columns [rank, R_MAX) zeroed after
+        # (they may hold NaN), so the mask does not break the vectors.
+        ids = tl.load(ids_ptr + rows, mask=mask_m, other=-1)
+        valid = (ids >= 0) & (ids < N_SLOTS)
+        slots = tl.where(valid, ids, 0)
+        ranks = _slot_rank(ranks_ptr, slots, valid, R_MAX, HAS_RANKS)
+        r_hi = tl.max(ranks, axis=0)  # columns past every row's rank are never visited
+        sc = tl.full((BLOCK_M,), 1.0, tl.float32)
+        if APPLY_SCALE:
+            sc = tl.load(scales_ptr + slots, mask=ranks > 0, other=0.0).to(tl.float32)
+        b_rows = b_ptr + slots.to(tl.int64)[:, None] * stride_bs + offs_n[None, :] * stride_bn
+        for r0 in range(0, r_hi, BLOCK_RV):
+            offs_v = r0 + tl.arange(0, BLOCK_RV)
+            live = offs_v[None, :] < ranks[:, None]  # [BM, RV]
+            s = tl.load(xa_ptr + rows64[:, None] * stride_sm + offs_v[None, :] * stride_sr,
+                        mask=live, other=0.0) * sc[:, None]
+            b = tl.load(b_rows[:, :, None] + offs_v[None, None, :] * stride_br,
+                        mask=mask_n[None, :, None] & (offs_v < R_MAX)[None, None, :], other=0.0)
+            b = tl.where(live[:, None, :], b.to(tl.float32), 0.0)
+            acc += tl.sum(s[:, None, :] * b, axis=2)
     if SEGMENTED:
         # The tile's one adapter: its expand is tensor-core dots after the main loop, into the
         # same accumulator, with the scale on the [BM, BR] xa tile. Before the loop, with a
@@ -358,7 +400,8 @@ def _mlora_fwd_kernel(
 
 
 _mlora_fwd_gather = triton.autotune(
-    configs=_gather_configs(), key=["M_KEY", "N", "K", "R_MAX", "APPLY_SCALE"]
+    configs=_gather_configs(), key=["M_KEY", "N", "K", "R_MAX", "APPLY_SCALE"],
+    prune_configs_by={"early_config_prune": _prune_gather_configs},
 )(_mlora_fwd_kernel)
 _mlora_fwd_segmented = triton.autotune(
     configs=_seg_gemm_configs(), key=["M_KEY", "N", "K", "R_MAX", "APPLY_SCALE"]
@@ -479,7 +522,7 @@ def _choose_path(M: int, n_slots: int, path: Optional[str]) -> tuple[str, str]:
 
 def _split_k(M: int, K: int, device: torch.device, split_k: Optional[int]) -> int:
     """K-slices of the decode shrink: enough programs for ~4 per SM, each slice >= 512 of K
-    (two 256-wide steps, so the partial-sum traffic, 4 * r bytes per slice, stays < 1% of the
+    (one 512-wide step, so the partial-sum traffic, 4 * r bytes per slice, stays < 1% of the
     2 * r * 512 bytes of A it reads). Override: split_k."""
     if split_k is not None:
         return max(1, min(int(split_k), K))
@@ -516,7 +559,7 @@ def _launch_shrink(inp: Tensor, P: Tensor, stride_ps: int, stride_pr: int, strid
             inp.stride(0), inp.stride(1), stride_ps, stride_pr, stride_pk,
             part.stride(0), part.stride(1), part.stride(2),
             HAS_RANKS=ranks is not None, APPLY_SCALE=apply_scale,
-            BLOCK_R=_BGMV_BLOCK_R, BLOCK_K=_BGMV_BLOCK_K,
+            BLOCK_R=_BGMV_BLOCK_R, BLOCK_K=_BGMV_BLOCK_K, num_warps=_BGMV_WARPS,
         )
         if part.shape[0] > 1:
             torch.sum(part, 0, out=out)

@@ -159,3 +159,27 @@ def test_configs_pruned_by_shared_memory(monkeypatch):
     kept_dx = L._prune_dx_configs(dx, {"dy_ptr": x})
     assert 0 < len(kept_dx) < len(dx)
     assert not any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) == (128, 256) for c in kept_dx)
+
+
+def test_decode_gemm_configs_fill_a_wave(monkeypatch):
+    # The gathered (decode) GEMM on a 132-SM GPU at N = 4096: the configs kept launch >= 132
+    # CTAs (BN = 16 / 32 tiles); when none can (tiny N), the ones with the most CTAs are kept.
+    from fused_lora.kernels import multi_lora as ML
+
+    monkeypatch.setattr(ML, "INTERPRET", False)
+    cfgs = ML._gather_configs()
+    for M in (1, 16, 64):
+        kept = ML._full_wave(cfgs, M, 4096, 132)
+        ctas = [triton_cdiv(M, c.kwargs["BLOCK_M"]) * triton_cdiv(4096, c.kwargs["BLOCK_N"]) for c in kept]
+        assert kept and min(ctas) >= 132, (M, ctas)
+    small = ML._full_wave(cfgs, 1, 64, 132)
+    assert small and all(c.kwargs["BLOCK_N"] == 16 for c in small)
+    # the gathered-B block stays <= 64 fp32 values per thread
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_RV"] <= 64 * 32 * c.num_warps
+               for c in cfgs)
+    x = torch.empty(2, 2)
+    assert ML._prune_gather_configs(cfgs, {"x_ptr": x, "M": 16, "N": 4096}) == cfgs  # off a GPU
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)

@@ -113,6 +113,7 @@ def _compiled_chain() -> Callable[..., Tensor]:
 # What each variant entry is, for the row's note.
 _NOTES = {
     "triton:inloop": "shrink inside the GEMM K loop",
+    "triton:tma": "GEMM tiles by TMA",
     "cuda:mma": "mma.sync GEMM",
     "cuda:wgmma": "wgmma GEMM, 128x128 tiles",
     "cuda:wgmma256": "wgmma GEMM, 128x256 tiles",

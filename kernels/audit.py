@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import copy
 import io
 import json
 import multiprocessing as mp
@@ -100,11 +101,11 @@ RATIO_LIMIT = 1.15
 HOT = {
     "_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_ds_kernel", "_lora_bwd_kernel",
     "_mlora_bgmv_shrink_kernel", "_mlora_sgmv_shrink_kernel", "_mlora_fwd_gather",
-    "_mlora_fwd_segmented", "_mlora_bwd_weight_kernel",
+    "_mlora_fwd_segmented", "_mlora_bwd_weight_kernel", "_lora_fwd_tma_kernel",
 }
 # The ratio gate: the single-adapter forward GEMM and dx GEMM. (The multi-adapter GEMMs get
 # the ratio column too, for information.)
-RATIO_GATED = {"_lora_fwd_kernel", "_lora_bwd_kernel"}
+RATIO_GATED = {"_lora_fwd_kernel", "_lora_bwd_kernel", "_lora_fwd_tma_kernel"}
 # ... except the in-loop-shrink forward (registry entry triton:inloop): its K loop holds the
 # shrink's r-wide MMA and A-tile loads on purpose (1 + BR / BN of the MMA work), so its gates
 # are the others (compiles, no spill, no serialised wgmma); its ratio is reported.
@@ -173,6 +174,7 @@ def _calls(c: Case) -> list[tuple[str, Callable[[], Any]]]:
             ("fwd pre p=0.1", lambda: fwd(x, w, None, A, B, 2.0, 0.1, 0, shrink="pre")),
             ("fwd pre p=0", lambda: fwd(x, w, None, A, B, 2.0, 0.0, 0, shrink="pre")),
             ("fwd fused p=0", lambda: fwd(x, w, None, A, B, 2.0, 0.0, 0, shrink="fused")),
+            ("fwd tma p=0", lambda: fwd(x, w, None, A, B, 2.0, 0.0, 0, tma=True)),
             ("bwd p=0.1", lambda: bwd(dy, x, w, A, B, xa, 2.0, 0.1, 0, True, True, True)),
             ("bwd p=0", lambda: bwd(dy, x, w, A, B, xa, 2.0, 0.0, 0, True, True, True)),
         ]
@@ -243,6 +245,8 @@ class _Capture:
             if not label:
                 label = _cfg_label({k: v for k, v in kwargs.items() if k.startswith("BLOCK_")},
                                    kwargs.get("num_stages"), kwargs.get("num_warps"))
+            # TMA descriptors are mutated by the next config's pre-hook: keep this launch's own
+            args = tuple(copy.copy(a) if type(a).__name__ == "TensorDescriptor" else a for a in args)
             cap.launches.append(Launch(cap.case, cap.variant, cap._name(cap._tuner or fn), fn, args,
                                        dict(kwargs), label, idx, n))
             return None
@@ -256,6 +260,8 @@ class _Capture:
             try:
                 for i, cfg in enumerate(cfgs):
                     cap._cfg = (i, len(cfgs), _cfg_label(cfg.kwargs, cfg.num_stages, cfg.num_warps))
+                    if cfg.pre_hook:  # as Autotuner.run (e.g. the TMA descriptors' block shapes)
+                        cfg.pre_hook({**tuner.nargs, **kwargs, **cfg.all_kwargs()})
                     tuner.fn.run(*args, **kwargs, **cfg.all_kwargs())
             finally:
                 cap._tuner, cap._cfg, tuner.nargs = outer, (0, 1, ""), None
@@ -414,6 +420,7 @@ def parse_sass(sass: str, act: str = "") -> dict:
     }
     best = None
     loops = []
+    cands = []
     for i, (addr, txt) in enumerate(ins):
         m = _BRA.search(txt) if "BRA" in ops[i] else None
         if not m:
@@ -426,11 +433,18 @@ def parse_sass(sass: str, act: str = "") -> dict:
         work_act = sum(_mma_work(o) for o in bops if act and act in o.split("."))
         work = sum(_mma_work(o) for o in bops)
         ffma = sum(o.startswith("FFMA") for o in bops)
-        key = (work_act, work, ffma, -len(body))
         loops.append({"range": [hex(tgt), hex(addr)], "instrs": len(body), "mma": _hist(bops, _mma_name),
                       "ffma": ffma, "loads": _hist(bops, _load_kind)})
-        if best is None or key > best[0]:
-            best = (key, bops, tgt, addr)
+        cands.append(((work_act, work, ffma, -len(body)), bops, tgt, addr))
+    # A back-branch that spans the main loop and more (with TMA, one from the epilogue back
+    # into the loop body) is not the main loop: of overlapping loops with tensor-core work on
+    # the activation dtype, only the smallest are candidates.
+    inner = [c for c in cands if not (c[0][0] and any(
+        d is not c and d[0][0] and len(d[1]) < len(c[1]) and d[2] <= c[3] and c[2] <= d[3]
+        for d in cands))]
+    for c in inner:
+        if best is None or c[0] > best[0]:
+            best = c
     loop = None
     if best is not None and (best[0][1] or best[0][2]):
         bops = best[1]
@@ -542,6 +556,13 @@ def _plain_for(lc: Launch) -> Optional[dict]:
             b_strides = (a["stride_bk"], a["stride_bn"])
         else:
             b_strides = (a["stride_wk"], a["stride_wn"])  # the W^T tile [BK, BN]
+    elif lc.kernel in ("_lora_fwd_tma_kernel", "_plain_gemm_tma_kernel") and lc.case != "plain":
+        # against Triton's TMA tutorial structure at the same tile (b = W0 [N, K] by descriptor)
+        act = a.get("x_desc", a.get("a_desc")).base
+        return dict(M=a["M"], N=a["N"], K=a["K"], dtype=act.dtype, b_strides=(0, 0), tma=True,
+                    bm=a["BLOCK_M"], bn=a["BLOCK_N"], bk=a["BLOCK_K"], group_m=a.get("GROUP_M", 8),
+                    stages=a.get("num_stages", 3), warps=a.get("num_warps", 4),
+                    prec=a.get("INPUT_PRECISION", "ieee"))
     elif lc.kernel == "_lora_bwd_kernel" and a.get("NEED_DX"):
         # dx tile [BM, BK], K step BLOCK_N over N; the W0 tile [BN, BK] is the plain GEMM's b.
         bm, bn, bk = a["BLOCK_M"], a["BLOCK_K"], a["BLOCK_N"]
@@ -558,6 +579,11 @@ def _plain_for(lc: Launch) -> Optional[dict]:
 
 def _plain_call(p: dict) -> Callable[[], Any]:
     a = torch.empty(p["M"], p["K"], dtype=p["dtype"])
+    if p.get("tma"):
+        b_nk = torch.empty(p["N"], p["K"], dtype=p["dtype"])
+        return lambda: PG.plain_gemm_tma(a, b_nk, block_m=p["bm"], block_n=p["bn"], block_k=p["bk"],
+                                         group_m=p["group_m"], num_stages=p["stages"],
+                                         num_warps=p["warps"], input_precision=p["prec"])
     sk, sn = p["b_strides"]
     b = torch.empty_strided((p["K"], p["N"]), (sk, sn), dtype=p["dtype"])
     return lambda: PG.plain_gemm(a, b, block_m=p["bm"], block_n=p["bn"], block_k=p["bk"],
@@ -701,8 +727,8 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
         plain_of: dict[tuple, int] = {}
         for k, p in plains.items():
             # b = W^T (column-major, the forward's W0 tile) or W (row-major, the dx GEMM's)
-            cap.case, cap.variant = "plain", (f"M{p['M']} {str(p['dtype'])[6:]} "
-                                           f"b={'W^T' if p['b_strides'][0] == 1 else 'W'}")
+            b = "TMA" if p.get("tma") else ("W^T" if p["b_strides"][0] == 1 else "W")
+            cap.case, cap.variant = "plain", f"M{p['M']} {str(p['dtype'])[6:]} b={b}"
             plain_of[k] = len(cap.launches)
             _plain_call(p)()
     print(f"audit: {n_real} kernel launches (+{len(plains)} plain GEMM) captured in "
@@ -842,6 +868,8 @@ def gates(report: dict) -> list[dict]:
             continue
         if r["case"] == "plain":  # the yardstick's own facts gate nothing (beyond compiling)
             continue
+        if "_tma_" in r["kernel"] and not r["arch"].startswith("sm_9"):
+            continue  # TMA kernels run on sm_90+ only (the registry refuses older GPUs)
         ser = [n for n in m.get("notes", []) if is_serialised(n)]
         if ser and r["arch"].startswith("sm_9"):
             fail("wgmma-serialised", r, ser[0][:160])

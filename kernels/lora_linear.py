@@ -495,6 +495,92 @@ def _lora_fwd_kernel(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Forward with TMA loads (registry entry triton:tma; sm_90+)
+# --------------------------------------------------------------------------------------------
+
+try:  # host-side TMA descriptors: Triton >= 3.4 (the GPU image's 3.6 and CI's 3.8 have them)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+
+def _tma_block_hook(nargs):
+    # Autotune pre-hook (the TMA tutorial's pattern): each config's tile is the descriptors'
+    # block shape, set before that config launches.
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+
+
+def _tma_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                              pre_hook=_tma_block_hook)]
+    cfgs = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=s, num_warps=w, pre_hook=_tma_block_hook)
+            for bm, bn, bk, s, w in cfgs]
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_KEY", "N", "K", "R"])
+@triton.jit
+def _lora_fwd_tma_kernel(
+    x_desc, w_desc, bias_ptr, xa_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_KEY,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    scale,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_lora_fwd_kernel with the x / W0 tiles loaded by TMA (the tensor-memory accelerator:
+    one descriptor-driven copy per tile into shared memory, out-of-bounds rows and columns
+    zero-filled, no address arithmetic or masks in the loop), as Triton's TMA matmul tutorial
+    (09-persistent-matmul, matmul_kernel_tma) loads them; the expand after the loop and the
+    store as in _lora_fwd_kernel. xa comes from _lora_shrink_kernel."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        x = x_desc.load([m0, k * BLOCK_K])
+        w = w_desc.load([n0, k * BLOCK_K])  # W0 tile [BN, BK]
+        acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    for c in tl.static_range(R_CHUNKS):
+        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        s = tl.load(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0) * scale
+        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _lora_dot(s, b, acc, LORA_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def tma_unavailable(x: Tensor, weight: Tensor) -> str:
+    """Why the TMA forward cannot take (x, weight), or "" when it can."""
+    if TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no host tensor descriptors (triton.tools.tensor_descriptor)"
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return "TMA needs an sm_90+ GPU (Hopper or newer)"
+    for name, t in (("x", x), ("weight", weight)):
+        es = t.element_size()
+        if t.stride(-1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
+            return f"TMA needs {name} with a unit last stride and 16-byte aligned rows and base"
+    return ""
+
+
 def _dropout_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
     if dropout_p == 0.0:
         return 0, 0, 0, 1.0
@@ -513,13 +599,16 @@ def lora_linear_fwd(
     seed: int,
     *,
     shrink: str = "pre",
+    tma: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Triton forward; same contract as fused_lora.reference.lora_linear_fwd.
 
     shrink: "pre" (xa by _lora_shrink_kernel, then the GEMM) or "fused" (xa inside the GEMM's
     K loop; only without dropout and for r <= 64, else "pre"; registry entry triton:inloop).
     Which is faster is shape-dependent and must be measured on the GPU (`python -m
-    fused_lora.bench linear` times both)."""
+    fused_lora.bench linear` times both). tma: the GEMM's x / W0 tiles by TMA
+    (_lora_fwd_tma_kernel, entry triton:tma) with the pre-kernel shrink; where TMA cannot take
+    the operands (tma_unavailable), the pointer GEMM runs."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     x, weight = _tile_safe(x), _tile_safe(weight)
@@ -550,6 +639,21 @@ def lora_linear_fwd(
                 key1, key2, thresh, drop_scale,
                 HAS_DROPOUT=dropout_p > 0.0, A_FP32=a_fp32, LORA_PRECISION=lora_prec, BLOCK_R=BLOCK_R,
             )
+        if tma and not fuse and not tma_unavailable(x, weight):
+            # block shapes are placeholders: the autotune pre-hook sets each config's tile
+            x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [32, 32])
+            w_desc = TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [32, 32])
+            _lora_fwd_tma_kernel[
+                lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+            ](
+                x_desc, w_desc, bias if bias is not None else x, xa, lora_B, y,
+                M, N, K, R, _m_key(M),
+                xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+                float(scale),
+                HAS_BIAS=bias is not None, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
+                BLOCK_R=BLOCK_R, R_CHUNKS=triton.cdiv(R, BLOCK_R),
+            )
+            return y, xa
         _lora_fwd_kernel[
             lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
         ](

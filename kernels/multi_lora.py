@@ -35,7 +35,8 @@ the gathered GEMM, for large batches over large banks):
 Ranks: loops over r run to ranks[i] (chunks of <= 64 columns; BLOCK_RV in the gathered
 expand), so chunks wholly beyond a slot's rank are never visited, and padding columns (which
 may hold NaN) never reach an output: loads are masked at the rank, except the decode kernels'
-vector loads, masked at the bank's width and zeroed (or left in unstored rows) after. Ids outside [0, n_slots) --
+vector loads, masked at the bank's width and zeroed (or left in unstored rows) after.
+Ids outside [0, n_slots) --
 -1 by contract, anything else only with validate=False -- are treated as -1 in every kernel:
 rank 0, slot index clamped to 0 for address arithmetic, all adapter loads masked off.
 

@@ -5,6 +5,7 @@ Entries (variants are named here, never read from the environment at launch):
 =========================  ===================================================================
 lora_linear  triton        shrink pre-kernel + GEMM with the expand in its accumulator
 lora_linear  triton:inloop the shrink inside the GEMM's K loop (no dropout, r <= 64)
+lora_linear  triton:tma    the GEMM's x / W0 tiles loaded by TMA (sm_90+; Triton >= 3.4)
 multi        triton        path chosen from shapes (decode for M <= 64, else prefill/hybrid)
 multi        triton:decode / triton:prefill / triton:hybrid: that path at any M
 =========================  ===================================================================
@@ -34,6 +35,21 @@ register_kernel("lora_linear", "triton", fwd=L.lora_linear_fwd, bwd=L.lora_linea
                 doc="shrink pre-kernel + fused GEMM; fused backward")
 register_kernel("lora_linear", "triton:inloop", fwd=functools.partial(L.lora_linear_fwd, shrink="fused"),
                 bwd=L.lora_linear_bwd, reason=_reason, doc="shrink in the GEMM's K loop")
+
+
+def _tma_reason(device: torch.device) -> str:
+    if _reason(device):
+        return _reason(device)
+    if L.TensorDescriptor is None:
+        return f"Triton {L.triton.__version__} has no host tensor descriptors (needs Triton >= 3.4)"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return "TMA needs an sm_90+ GPU (Hopper or newer)"
+    return ""
+
+
+register_kernel("lora_linear", "triton:tma", fwd=functools.partial(L.lora_linear_fwd, tma=True),
+                bwd=L.lora_linear_bwd, reason=_tma_reason,
+                doc="GEMM tiles by TMA (operands TMA cannot take: the pointer GEMM)")
 
 for _path in (None, "decode", "prefill", "hybrid"):
     register_kernel(

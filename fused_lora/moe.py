@@ -10,7 +10,8 @@ plan to both projections of the layer (gate_up and down) and their backward reus
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -142,6 +143,52 @@ def moe_lora_linear(
 _PROJS = ("gate_up_proj", "down_proj")
 
 
+def _per_proj(name: str, v, targets: tuple, check) -> dict:
+    """``v`` (one value, or a mapping {projection: value}) as {projection: value} over targets."""
+    if isinstance(v, Mapping):
+        bad = [k for k in v if k not in _PROJS]
+        if bad:
+            raise ValueError(f"{name} keys must be among {_PROJS}, got {bad[0]!r}")
+        out = {t: v[t] for t in targets if t in v}
+        missing = [t for t in targets if t not in out]
+        if missing:
+            raise ValueError(f"{name} has no value for targeted projection {missing[0]!r}")
+    else:
+        out = {t: v for t in targets}
+    for t, x in out.items():
+        check(t, x)
+    return out
+
+
+def _check_r(t: str, r) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be an int >= 1, got {r!r}" + (f" for {t}" if t else ""))
+
+
+def _check_alpha(t: str, a) -> None:
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+        raise ValueError(f"lora_alpha must be a finite number, got {a!r}" + (f" for {t}" if t else ""))
+
+
+def fused_experts_reason(base: object) -> str:
+    """Why ``base`` is not a transformers fused experts module that :class:`MoELoRAExperts`
+    can take ('' when it is)."""
+    if not isinstance(base, torch.nn.Module):
+        return f"expected an nn.Module, got {type(base).__name__}"
+    for p in _PROJS:
+        w = getattr(base, p, None)
+        if not isinstance(w, Tensor) or w.dim() != 3:
+            return (f"{type(base).__name__} has no 3-D {p} parameter [E, out, in] (transformers' fused "
+                    "experts)")
+    if getattr(base, "has_gate", True) is not True:
+        return f"{type(base).__name__} has no gate (has_gate=False): not supported"
+    if getattr(base, "has_post_expert_norm", False):
+        return f"{type(base).__name__} has a post-expert norm (has_post_expert_norm=True): not supported"
+    if getattr(base, "is_transposed", False):
+        return f"{type(base).__name__} stores transposed experts (is_transposed=True): not supported yet"
+    return ""
+
+
 class MoELoRAExperts(torch.nn.Module):
     """A drop-in replacement of transformers 5's fused experts module (``Qwen3MoeExperts``,
     ``MixtralExperts``: ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], each applied as
@@ -155,52 +202,93 @@ class MoELoRAExperts(torch.nn.Module):
 
     The base weights are the original module's parameters (same names: state dicts load as
     before), frozen. LoRA: ``lora_A_<proj>`` [E, r, in] (kaiming-uniform, as PEFT),
-    ``lora_B_<proj>`` [E, out, r] (zeros: at creation outputs equal the original module's).
-    A projection that is not targeted runs the same op with a frozen rank-1 zero adapter (a
-    buffer): 1/in of the projection's extra work, one code path."""
+    ``lora_B_<proj>`` [E, out, r] (zeros: at creation outputs equal the original module's);
+    PEFT's ``target_parameters`` layout is the same adapter (see
+    :mod:`fused_lora.integrations.moe_io`). A projection that is not targeted runs the same op
+    with a frozen rank-1 zero adapter (a buffer): 1/in of the projection's extra work, one code
+    path.
 
-    def __init__(self, base: torch.nn.Module, *, r: int, lora_alpha: float, targets=_PROJS,
-                 dropout: float = 0.0, backend: str = "auto") -> None:
+    Args:
+        base: the fused experts module.
+        r, lora_alpha: rank and alpha, one value or {projection: value} (e.g. a PEFT
+            rank_pattern); scaling lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
+        targets: the projections that get LoRA.
+        dropout: LoRA dropout on the experts' inputs (PEFT refuses it on target_parameters).
+        backend: kernel backend of :func:`moe_lora_linear`.
+        adapter_dtype: dtype of the LoRA weights (default: the base weights').
+    """
+
+    def __init__(self, base: torch.nn.Module, *, r, lora_alpha, targets=_PROJS,
+                 dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto",
+                 adapter_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
         targets = tuple(targets)
         for t in targets:
             if t not in _PROJS:
                 raise ValueError(f"targets must be among {_PROJS}, got {t!r}")
-        for p in _PROJS:
-            w = getattr(base, p, None)
-            if not isinstance(w, Tensor) or w.dim() != 3:
-                raise TypeError(f"base must have a 3-D {p} parameter [E, out, in] (transformers' fused "
-                                f"experts), got {type(base).__name__}")
-        if getattr(base, "is_transposed", False):
-            raise ValueError("base stores transposed experts (is_transposed=True): not supported yet")
+        why = fused_experts_reason(base)
+        if why:
+            raise TypeError(f"base must be a transformers fused experts module: {why}")
+        ranks = _per_proj("r", r, targets, _check_r)
+        alphas = _per_proj("lora_alpha", lora_alpha, targets, _check_alpha)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        dropout = float(dropout)
+        if not (0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_experts = base.gate_up_proj.shape[0]
         self.act_fn = base.act_fn
-        self.r, self.lora_alpha, self.scaling = r, float(lora_alpha), float(lora_alpha) / r
-        self.dropout, self.targets = float(dropout), targets
+        self.r = r if not isinstance(r, Mapping) else max(ranks.values(), default=1)
+        self.lora_alpha = float(lora_alpha) if not isinstance(lora_alpha, Mapping) else None
+        self.ranks, self.alphas = ranks, {t: float(a) for t, a in alphas.items()}
+        self.use_rslora, self.dropout, self.targets = use_rslora, dropout, targets
         self.backend = backends.check_name("moe_lora_linear", backend)
+        # The base's parameter registration order (PEFT nests target_parameters wrappers in it).
+        order = [n for n, _ in base.named_parameters(recurse=False) if n in _PROJS]
+        self.proj_order = tuple(order) if set(order) == set(_PROJS) else _PROJS
         for p in _PROJS:
             w = getattr(base, p)
             w.requires_grad_(False)
             self.register_parameter(p, w if isinstance(w, torch.nn.Parameter)
                                     else torch.nn.Parameter(w, requires_grad=False))
             E, out_f, in_f = w.shape
+            dt = adapter_dtype or w.dtype
             if p in targets:
-                a = torch.empty(E, r, in_f, dtype=w.dtype, device=w.device)
+                a = torch.empty(E, ranks[p], in_f, dtype=dt, device=w.device)
                 for e in range(E):
                     torch.nn.init.kaiming_uniform_(a[e], a=5 ** 0.5)
                 self.register_parameter(f"lora_A_{p}", torch.nn.Parameter(a))
                 self.register_parameter(f"lora_B_{p}", torch.nn.Parameter(
-                    torch.zeros(E, out_f, r, dtype=w.dtype, device=w.device)))
+                    torch.zeros(E, out_f, ranks[p], dtype=dt, device=w.device)))
             else:
-                self.register_buffer(f"lora_A_{p}", torch.zeros(E, 1, in_f, dtype=w.dtype, device=w.device))
-                self.register_buffer(f"lora_B_{p}", torch.zeros(E, out_f, 1, dtype=w.dtype, device=w.device))
+                self.register_buffer(f"lora_A_{p}", torch.zeros(E, 1, in_f, dtype=dt, device=w.device))
+                self.register_buffer(f"lora_B_{p}", torch.zeros(E, out_f, 1, dtype=dt, device=w.device))
+
+    def scale_of(self, proj: str) -> float:
+        """The LoRA scaling of a targeted projection (lora_alpha / r, or / sqrt(r) with rsLoRA)."""
+        r = self.ranks[proj]
+        return self.alphas[proj] / (math.sqrt(r) if self.use_rslora else r)
+
+    @property
+    def scaling(self) -> float:
+        """The scaling shared by the targeted projections (ValueError if they differ)."""
+        s = {self.scale_of(t) for t in self.targets}
+        if len(s) != 1:
+            raise ValueError(f"the projections have different scalings {sorted(s)}: use scale_of(proj)")
+        return s.pop()
+
+    def proj_shape(self, proj: str) -> tuple[int, int, int]:
+        """(E, out_features, in_features) of a projection."""
+        return tuple(getattr(self, proj).shape)
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [getattr(self, f"lora_{ab}_{t}") for t in self.targets for ab in "AB"]
 
     def _proj(self, name: str, x: Tensor, plan: RoutingPlan) -> Tensor:
+        on = name in self.targets
         return moe_lora_linear(x, getattr(self, name), getattr(self, f"lora_A_{name}"),
-                               getattr(self, f"lora_B_{name}"), self.scaling, plan,
-                               dropout_p=self.dropout if name in self.targets else 0.0,
+                               getattr(self, f"lora_B_{name}"), self.scale_of(name) if on else 0.0, plan,
+                               dropout_p=self.dropout if on else 0.0,
                                training=self.training, backend=self.backend)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -220,27 +308,44 @@ class MoELoRAExperts(torch.nn.Module):
 
 def inject_moe_lora(model: torch.nn.Module, target_parameters=("mlp.experts.gate_up_proj",
                     "mlp.experts.down_proj"), *, r: int = 8, lora_alpha: float = 16.0,
-                    dropout: float = 0.0, backend: str = "auto") -> list[str]:
+                    dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto",
+                    rank_pattern: Optional[Mapping[str, int]] = None,
+                    alpha_pattern: Optional[Mapping[str, float]] = None,
+                    adapter_dtype: Optional[torch.dtype] = None) -> list[str]:
     """Replace every fused experts module of ``model`` whose parameter matches one of
-    ``target_parameters`` (PEFT's ``target_parameters`` naming: a suffix of the parameter's full
-    name, e.g. "mlp.experts.gate_up_proj") by a :class:`MoELoRAExperts` with LoRA on the matched
-    projections. Freezes nothing else. Returns the replaced modules' names (ValueError when
+    ``target_parameters`` (PEFT's ``target_parameters`` naming: a parameter's full name or a
+    suffix after a ".", e.g. "mlp.experts.gate_up_proj") by a :class:`MoELoRAExperts` with LoRA
+    on the matched projections. ``rank_pattern`` / ``alpha_pattern`` keys are matched against
+    the end of the parameter's full name, as PEFT does. Every module is checked before any is
+    replaced. Freezes nothing else. Returns the replaced modules' names (ValueError when
     nothing matched)."""
-    targets: dict[str, list[str]] = {}
-    for pname, _ in model.named_parameters():
-        mod, _, leaf = pname.rpartition(".")
-        if leaf in _PROJS and any(pname == t or pname.endswith("." + t) for t in target_parameters):
-            targets.setdefault(mod, []).append(leaf)
-    if not targets:
-        raise ValueError(f"target_parameters {list(target_parameters)} matched no fused experts parameter "
-                         "(expected names ending in gate_up_proj / down_proj)")
+    from fused_lora.integrations.inject import _transaction
+    from fused_lora.integrations.matching import _pattern_value
+    from fused_lora.integrations.moe_io import param_targets
+
+    targets = param_targets(model, target_parameters, "target_parameters")
+    built = {}
     for mod, leaves in targets.items():
-        parent_name, _, child = mod.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(parent, child, MoELoRAExperts(base, r=r, lora_alpha=lora_alpha, targets=leaves,
-                                              dropout=dropout, backend=backend))
+        ranks = {t: _pattern_value(rank_pattern or {}, f"{mod}.{t}", r) for t in leaves}
+        alphas = {t: _pattern_value(alpha_pattern or {}, f"{mod}.{t}", lora_alpha) for t in leaves}
+        for t in leaves:
+            _check_r(f"{mod}.{t}", ranks[t])
+            _check_alpha(f"{mod}.{t}", alphas[t])
+        built[mod] = (leaves, ranks, alphas)
+    with _transaction(model) as tx:
+        for mod, (leaves, ranks, alphas) in built.items():
+            base = model.get_submodule(mod)
+            tx.replace(mod, MoELoRAExperts(base, r=ranks, lora_alpha=alphas, targets=leaves, dropout=dropout,
+                                           use_rslora=use_rslora, backend=backend,
+                                           adapter_dtype=adapter_dtype))
     return sorted(targets)
 
 
-__all__ += ["MoELoRAExperts", "inject_moe_lora"]
+def moe_layers(model: torch.nn.Module):
+    """(name, module) of every :class:`MoELoRAExperts` in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, MoELoRAExperts):
+            yield name, m
+
+
+__all__ += ["MoELoRAExperts", "inject_moe_lora", "moe_layers"]

@@ -51,7 +51,25 @@ def tiny_mixtral(layers: int = 2):
     return MixtralForCausalLM(cfg).eval()
 
 
-MODELS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral}
+def tiny_gpt_oss(layers: int = 2):
+    """GPT-OSS: experts stored transposed ([E, in, out], is_transposed=True), with biases (made
+    non-zero here) and an interleaved, clamped gate."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, max_position_embeddings=64,
+                       layer_types=["full_attention"] * layers)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "experts" in n and n.endswith("_bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+MODELS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral, "gpt_oss": tiny_gpt_oss}
 
 
 def _randomize(model):
@@ -116,6 +134,7 @@ CASES = {
     "mixtral_rslora_attn": ("mixtral", dict(use_rslora=True, target_modules=["q_proj"],
                                             target_parameters=["experts.gate_up_proj", "experts.down_proj"])),
     "qwen3_down_only": ("qwen3_moe", dict(target_parameters=["mlp.experts.down_proj"])),
+    "gpt_oss_transposed": ("gpt_oss", dict(rank_pattern={"gate_up_proj": 3})),
 }
 
 
@@ -347,3 +366,105 @@ def test_inject_lora_target_parameters_freezes_the_base_and_checks():
         fused_lora.inject_lora(tiny_qwen3_moe(layers=1), None, target_parameters=["experts.nope"])
     with pytest.raises(ValueError, match="cannot adapt"):
         fused_lora.inject_lora(tiny_qwen3_moe(layers=1), None, target_parameters=["embed_tokens.weight"])
+
+
+# ----------------------------------------------------------------------------- mixed-adapter serving
+
+
+def _three_moe_adapters(tmp_path, base):
+    """Three PEFT folders over one MoE: both projections (r=4); down_proj only (r=2) plus
+    q_proj; both with rsLoRA and a rank_pattern."""
+    cfgs = {
+        "a": dict(r=4, lora_alpha=8),
+        "b": dict(r=2, lora_alpha=3, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]),
+        "c": dict(r=2, lora_alpha=4, use_rslora=True, rank_pattern={"down_proj": 3}),
+    }
+    paths = {}
+    for i, (name, kw) in enumerate(cfgs.items()):
+        torch.manual_seed(100 + i)
+        paths[name] = str(tmp_path / name)
+        _peft(base, **kw).save_pretrained(paths[name])
+    return paths
+
+
+def _alone(base, path, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(copy.deepcopy(base), path)
+    return pm(ids).logits
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_multi_adapter_moe_serving_equals_each_adapter_alone(tmp_path, backend):
+    """load_peft_adapters_multi with target_parameters adapters: every sequence of a mixed batch
+    gets what its adapter alone gives in PEFT (None: the base model); one routing plan per MoE
+    layer (plus one for the Linear banks) per forward."""
+    from test_moe_lora import CountOps
+
+    from fused_lora.moe import MoEMultiLoRAExperts
+
+    layers = 2 if backend == "torch" else 1
+    base = tiny_qwen3_moe(layers=layers)
+    paths = _three_moe_adapters(tmp_path, base)
+    model = copy.deepcopy(base)
+    slots = fused_lora.load_peft_adapters_multi(model, paths, backend=backend)
+    assert slots == {"a": 0, "b": 1, "c": 2}
+    banks = [m for m in model.modules() if isinstance(m, MoEMultiLoRAExperts)]
+    assert len(banks) == layers and banks[0].max_ranks == {"gate_up_proj": 4, "down_proj": 4}
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(3))
+    who = ["a", None, "b", "c"]
+    with torch.no_grad():
+        with fused_lora.adapter_ids(model, who), CountOps() as c:
+            out = model(ids).logits
+        assert c.counts.get("sort", 0) == layers + 1, c.counts  # MoE layers + the q_proj banks
+        for i, name in enumerate(who):
+            ref = base(ids[i:i + 1]).logits if name is None else _alone(base, paths[name], ids[i:i + 1])
+            torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        if backend == "triton":
+            return
+        # Per-token ids [batch, seq] (here constant per sequence), and a decode-style step.
+        tok = torch.tensor([0, -1, 1, 2])[:, None].expand(4, 6)
+        with fused_lora.adapter_ids(model, tok):
+            torch.testing.assert_close(model(ids).logits, out, rtol=1e-6, atol=1e-6)
+        with fused_lora.adapter_ids(model, who):
+            step = model(ids[:, :1]).logits
+        torch.testing.assert_close(step, out[:, :1], rtol=1e-4, atol=1e-4)
+
+
+def test_multi_loader_moe_refusals_leave_model_unchanged(tmp_path):
+    base = tiny_qwen3_moe(layers=1)
+    paths = _three_moe_adapters(tmp_path, base)
+    model = copy.deepcopy(base)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"max_rank=2 is smaller than rank 4"):
+        fused_lora.load_peft_adapters_multi(model, paths, max_rank=2, backend="torch")
+    _assert_unchanged(model, snap)
+    fused_lora.load_peft_adapters_multi(model, paths, backend="torch")
+    with pytest.raises(ValueError, match="already has fused MoE LoRA adapters"):
+        fused_lora.load_peft_adapters_multi(model, {"a": paths["a"]}, backend="torch")
+
+
+def test_gpt_oss_transposed_experts_read_in_place():
+    """GPT-OSS's [E, in, out] experts: with zero lora_B the module equals the original (biases,
+    interleaved clamped gate and all), and the op reads the stored weights through a transposed
+    view: what it saves for backward is that view, not a copy."""
+    base = tiny_gpt_oss(layers=1)
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids).logits
+    model = copy.deepcopy(base)
+    fused_lora.inject_lora(model, None, r=2, target_parameters=TP, backend="torch")
+    ex = model.model.layers[0].mlp.experts
+    assert isinstance(ex, MoELoRAExperts) and ex.is_transposed
+    assert ex.proj_shape("gate_up_proj") == (4, 48, 32)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(ids).logits.sum().backward()
+    w = ex.gate_up_proj
+    views = [t for t in saved if t.data_ptr() == w.data_ptr() and t.shape == (4, 48, 32)]
+    assert views and not views[0].is_contiguous()
+    assert not [t for t in saved if t.shape == (4, 48, 32) and t.data_ptr() != w.data_ptr()], "weight copied"

@@ -39,7 +39,7 @@ from fused_lora.integrations.matching import (
     _pattern_value,
 )
 from fused_lora.modules import FusedLoRALinear
-from fused_lora.moe import MoELoRAExperts, moe_layers
+from fused_lora.moe import MoELoRAExperts, _FusedExperts, moe_layers
 
 _CONFIG_NAME = "adapter_config.json"
 _SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -286,9 +286,9 @@ def _experts_load_plan(model: nn.Module, cfg: Mapping[str, Any], sd: Mapping[str
     ptargets = moe_io.param_targets(model, tp, where)
     for name in ptargets:
         m = model.get_submodule(name)
-        if isinstance(m, MoELoRAExperts) and not into_fused:
+        if isinstance(m, _FusedExperts) and not (into_fused and isinstance(m, MoELoRAExperts)):
             raise ValueError(f"{where}: module {name!r} already has fused MoE LoRA adapters (a "
-                             "MoELoRAExperts); target the plain base model")
+                             f"{type(m).__name__}); target the plain base model")
     found, rest = moe_io.split_param_keys(sd, ptargets, _PEFT_PREFIX, where)
     return ptargets, found, rest
 

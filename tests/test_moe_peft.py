@@ -468,3 +468,33 @@ def test_gpt_oss_transposed_experts_read_in_place():
     views = [t for t in saved if t.data_ptr() == w.data_ptr() and t.shape == (4, 48, 32)]
     assert views and not views[0].is_contiguous()
     assert not [t for t in saved if t.shape == (4, 48, 32) and t.data_ptr() != w.data_ptr()], "weight copied"
+
+
+def test_readme_moe_block_runs(tmp_path, monkeypatch):
+    """The README's "Mixture of experts" block, exec'd as written on a tiny Qwen3-MoE."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Mixture of experts", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    base = tiny_qwen3_moe(layers=1)
+    paths = _three_moe_adapters(tmp_path, base)
+    g = torch.Generator().manual_seed(0)
+    T, E, S, K, N, r = 6, 4, 2, 8, 5, 2
+    ns = {
+        "fused_lora": fused_lora, "model": copy.deepcopy(base), "other_base": copy.deepcopy(base),
+        "base_model": copy.deepcopy(base),
+        "p1": paths["a"], "p2": paths["b"], "input_ids": torch.randint(0, VOCAB, (3, 5)),
+        "x": torch.randn(T, K, generator=g), "weight": torch.randn(E, N, K, generator=g),
+        "lora_A": torch.randn(E, r, K, generator=g), "lora_B": torch.randn(E, N, r, generator=g),
+        "scale": 0.5, "expert_ids": torch.randint(0, E, (T, 2), generator=g),
+        "b": torch.randn(E, N, generator=g),
+        "A_bank": torch.randn(S, E, r, K, generator=g), "B_bank": torch.randn(S, E, N, r, generator=g),
+        "scales": torch.tensor([0.5, 2.0]), "ids": torch.tensor([0, -1, 1, 1, 0, -1]), "E": E, "S": S,
+    }
+    exec(compile(block, "README.md", "exec"), ns)
+    assert ns["logits"].shape == (3, 5, VOCAB) and ns["y"].shape == (T, 2, N)
+    assert ns["plan"].n_slots == (S + 1) * E
+    assert os.path.isfile(tmp_path / "out" / "adapter_config.json")

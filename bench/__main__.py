@@ -29,9 +29,11 @@ SUITES: dict[str, str] = {
     "train": "small Llama-shaped decoder, LoRA on all linears: training tokens/s, peak memory",
     "dispatch": "backends per op/mode/rows: the table backend='auto' follows (GPU: Triton vs CUDA; "
                 "CPU: C++ CPU kernels vs reference)",
+    "moe": "one MoE layer with LoRA fwd/bwd (Qwen3-30B-A3B, Mixtral-8x7B) vs PEFT target_parameters, "
+           "transformers' loop, merged weights; mixed-adapter MoE decode bandwidth",
 }
 _MODULES = {"linear": "suite_linear", "adapters": "suite_adapters", "multi": "suite_multi",
-            "train": "suite_train", "dispatch": "suite_dispatch"}
+            "train": "suite_train", "dispatch": "suite_dispatch", "moe": "suite_moe"}
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
 

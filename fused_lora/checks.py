@@ -154,13 +154,23 @@ def check_multi_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     _check_grads_io(x, out_f, r_max, dy, xa)
 
 
+def moe_n_virtual(weight: Tensor, lora_A: Tensor) -> int:
+    """Ids a MoE routing plan is built over: E experts (lora_A [E, r, in]), or (S + 1) * E virtual
+    experts with an adapter bank (lora_A [S, E, r, in]): id (a + 1) * E + e is adapter a on
+    expert e, ids [0, E) are expert e without adapter (base only)."""
+    E = weight.shape[0]
+    return E if lora_A.dim() == 3 else (lora_A.shape[0] + 1) * E
+
+
 def check_moe_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                      plan: Optional[Tensor], *, dy: Optional[Tensor] = None, xa: Optional[Tensor] = None,
-                     x_ndim: Optional[int] = 2) -> None:
-    """Mixture of experts: x [M, in] (any leading dims with x_ndim=None), weight [E, out, in]
+                     x_ndim: Optional[int] = 2, slot_scales: Optional[Tensor] = None, topk: int = 1) -> None:
+    """Mixture of experts: x [T, in] (any leading dims with x_ndim=None), weight [E, out, in]
     (any strides: a transposed view of an [E, in, out] tensor is read in place), bias [E, out],
-    lora_A [E, r, in], lora_B [E, out, r], plan a routing-plan tensor for x's rows over E
-    experts (None: not checked); backward's dy [M, out] and xa [M, r]."""
+    lora_A [E, r, in] and lora_B [E, out, r], or adapter banks lora_A [S, E, r, in] and
+    lora_B [S, E, out, r] with slot_scales None or float32 [S]; topk >= 1 rows per row of x (row
+    m of the op reads x[m // topk]: M = T * topk rows); plan a routing-plan tensor for the M
+    rows over :func:`moe_n_virtual` ids (None: not checked); backward's dy [M, out], xa [M, r]."""
     check_tensor("x", x, x_ndim)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-d tensor")
@@ -173,30 +183,59 @@ def check_moe_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: 
             f"x's last dim ({x.shape[-1]}) must equal weight's in_features (weight is [E, out, in] = "
             f"{tuple(weight.shape)})"
         )
-    check_tensor("lora_A", lora_A, 3)
-    check_tensor("lora_B", lora_B, 3)
-    r = lora_A.shape[1]
-    if lora_A.shape[0] != E or lora_A.shape[2] != in_f:
-        raise ValueError(f"lora_A must be [E={E}, r, in_features={in_f}], got {tuple(lora_A.shape)}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    check_tensor("lora_A", lora_A)
+    check_tensor("lora_B", lora_B)
+    if lora_A.dim() == 4:  # adapter banks: [S, E, r, in], [S, E, out, r]
+        S = lora_A.shape[0]
+        if S < 1 or lora_A.shape[1] != E or lora_A.shape[3] != in_f:
+            raise ValueError(f"lora_A must be [S, E={E}, r, in_features={in_f}] (a bank of S >= 1 adapters), "
+                             f"got {tuple(lora_A.shape)}")
+        r = lora_A.shape[2]
+        want_b = (S, E, out_f, r)
+    elif lora_A.dim() == 3:
+        if lora_A.shape[0] != E or lora_A.shape[2] != in_f:
+            raise ValueError(f"lora_A must be [E={E}, r, in_features={in_f}], got {tuple(lora_A.shape)}")
+        r = lora_A.shape[1]
+        want_b = (E, out_f, r)
+    else:
+        raise ValueError(f"lora_A must be [E, r, in] (one adapter) or [S, E, r, in] (a bank of S adapters), "
+                         f"got a {lora_A.dim()}-D tensor of shape {tuple(lora_A.shape)}")
     if r < 1:
         raise ValueError(f"rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (E, out_f, r):
-        raise ValueError(f"lora_B must be [E={E}, out_features={out_f}, r={r}], got {tuple(lora_B.shape)}")
+    if tuple(lora_B.shape) != want_b:
+        dims = "S={}, E={}, out_features={}, r={}" if len(want_b) == 4 else "E={}, out_features={}, r={}"
+        raise ValueError(f"lora_B must be [{dims.format(*want_b)}], got {tuple(lora_B.shape)}")
+    if slot_scales is not None:
+        if lora_A.dim() != 4:
+            raise ValueError("slot_scales (one scale per adapter) needs adapter banks lora_A [S, E, r, in]")
+        check_tensor("slot_scales", slot_scales, 1)
+        if slot_scales.shape[0] != lora_A.shape[0] or slot_scales.dtype != torch.float32:
+            raise ValueError(f"slot_scales must be float32 [S={lora_A.shape[0]}], got {slot_scales.dtype} of "
+                             f"shape {tuple(slot_scales.shape)}")
     if bias is not None:
         check_tensor("bias", bias, 2)
         if tuple(bias.shape) != (E, out_f):
             raise ValueError(f"bias must be [E={E}, out_features={out_f}], got {tuple(bias.shape)}")
+    M = x.shape[0] * topk
     if plan is not None:
         from fused_lora.routing import sizes
 
-        S, T = sizes(x.shape[0], E)
-        n = 3 * x.shape[0] + 3 * S + 3 * T
+        nv = moe_n_virtual(weight, lora_A)
+        S_, T_ = sizes(M, nv)
+        n = 3 * M + 3 * S_ + 3 * T_
         if plan.dtype != torch.int64 or plan.dim() != 1 or plan.shape[0] != n or plan.stride(0) != 1:
             raise ValueError(
-                f"plan must be the int64 data of a RoutingPlan for M={x.shape[0]} rows over "
-                f"E={E} experts ({n} contiguous elements), got {plan.dtype} of shape "
+                f"plan must be the int64 data of a RoutingPlan for M={M} rows over "
+                f"{nv} expert ids ({n} contiguous elements), got {plan.dtype} of shape "
                 f"{tuple(plan.shape)}, stride {tuple(plan.stride())}"
             )
-    _same_device(x, {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B, "plan": plan})
+    _same_device(x, {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B, "plan": plan,
+                     "slot_scales": slot_scales})
     _check_dtypes(x, weight, bias, lora_A, lora_B)
-    _check_grads_io(x, out_f, r, dy, xa)
+    if dy is not None and tuple(dy.shape) != (M, out_f):
+        raise ValueError(f"dy must be [M={M}, out_features={out_f}], got {tuple(dy.shape)}")
+    if xa is not None and tuple(xa.shape) != (M, r):
+        raise ValueError(f"xa must be [M={M}, r={r}], got {tuple(xa.shape)}")
+    _same_device(x, {"dy": dy, "xa": xa})

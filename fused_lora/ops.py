@@ -285,9 +285,13 @@ multi_lora_linear_fwd.register_autograd(_multi_lora_backward, setup_context=_mul
 # fused_lora::moe_lora_linear_fwd / moe_lora_linear_bwd -- mixture of experts, one per row
 # --------------------------------------------------------------------------------------------
 
-from fused_lora.checks import check_moe_shapes  # noqa: E402  (appended section: keeps merges clean)
+from fused_lora.checks import check_moe_shapes, moe_n_virtual  # noqa: E402  (appended section: keeps merges clean)
 
 __all__ += ["moe_lora_linear_fwd", "moe_lora_linear_bwd"]
+
+
+def _moe_view(plan: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, topk: int):
+    return routing.unpack(plan, x.shape[0] * topk, moe_n_virtual(weight, lora_A))
 
 
 @torch.library.custom_op("fused_lora::moe_lora_linear_fwd", mutates_args=(), device_types=_DEVICES)
@@ -302,25 +306,31 @@ def moe_lora_linear_fwd(
     seed: Optional[Tensor],
     plan: Tensor,
     impl: str,
+    slot_scales: Optional[Tensor] = None,
+    topk: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """y[m] = x[m] W[e]^T + b[e] + scale * (drop(x[m]) A[e]^T) B[e]^T, e = the expert of row m in
-    ``plan`` (a RoutingPlan's ``data`` for x's M rows over E = weight.shape[0] experts), on
-    x [M, in], weight [E, out, in] (any strides), bias [E, out], lora_A [E, r, in],
-    lora_B [E, out, r].
+    """y[m] = x[m // topk] W[e]^T + b[e] + scale * (drop(x)[m] A[v]^T) B[v]^T, v the id of row m in
+    ``plan`` (a RoutingPlan's ``data`` for M = T * topk rows), e its expert, on x [T, in],
+    weight [E, out, in] (any strides), bias [E, out], and either one adapter per expert
+    (lora_A [E, r, in], lora_B [E, out, r]; v = e in [0, E)) or adapter banks (lora_A
+    [S, E, r, in], lora_B [S, E, out, r]; v = (a + 1) * E + e is adapter a on expert e, v < E
+    is expert v without adapter; slot_scales [S] float32 scales adapter a's term, None = 1).
 
-    Returns (y [M, out] in x.dtype, xa = drop(x) A[e]^T [M, r] fp32 (fp64 for fp64 x), which
-    backward needs). Rows of no expert (unvalidated out-of-range ids) get y = 0."""
-    check_moe_shapes(x, weight, bias, lora_A, lora_B, plan)
+    topk > 1 reads each row of x for topk consecutive rows (a token's top-k experts) without
+    copying it. Returns (y [M, out] in x.dtype, xa = drop(x) A[v]^T [M, r] fp32 (fp64 for fp64
+    x), which backward needs). Rows of no expert (unvalidated out-of-range ids) get y = 0."""
+    check_moe_shapes(x, weight, bias, lora_A, lora_B, plan, slot_scales=slot_scales, topk=topk)
     k = backends.kernel("moe_lora_linear", impl)
-    view = routing.unpack(plan, x.shape[0], weight.shape[0])
-    return k.fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_value(seed), view)
+    view = _moe_view(plan, x, weight, lora_A, topk)
+    return k.fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_value(seed), view,
+                 slot_scales=slot_scales, topk=topk)
 
 
 @moe_lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, impl):
-    check_moe_shapes(x, weight, bias, lora_A, lora_B, plan)
-    M = x.shape[0]
-    return x.new_empty(M, weight.shape[1]), x.new_empty(M, lora_A.shape[1], dtype=acc_dtype(x.dtype))
+def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, impl, slot_scales=None, topk=1):
+    check_moe_shapes(x, weight, bias, lora_A, lora_B, plan, slot_scales=slot_scales, topk=topk)
+    M = x.shape[0] * topk
+    return x.new_empty(M, weight.shape[1]), x.new_empty(M, lora_A.shape[-2], dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("fused_lora::moe_lora_linear_bwd", mutates_args=(), device_types=_DEVICES)
@@ -339,38 +349,44 @@ def moe_lora_linear_bwd(
     needs_dA: bool,
     needs_dB: bool,
     impl: str,
+    slot_scales: Optional[Tensor] = None,
+    topk: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dA [E, r, in], dB [E, out, r]) for moe_lora_linear_fwd; experts without rows get
-    exact zeros; a gradient not asked for is an empty tensor. Routing: the forward's plan."""
-    check_moe_shapes(x, weight, None, lora_A, lora_B, plan, dy=dy, xa=xa)
+    """(dx [T, in] (each token's topk rows summed), dA, dB in lora_A / lora_B's shapes) for
+    moe_lora_linear_fwd; adapters x experts without rows get exact zeros; a gradient not asked
+    for is an empty tensor. Routing: the forward's plan (nothing is sorted again)."""
+    check_moe_shapes(x, weight, None, lora_A, lora_B, plan, dy=dy, xa=xa, slot_scales=slot_scales, topk=topk)
     k = backends.kernel("moe_lora_linear", impl)
-    view = routing.unpack(plan, x.shape[0], weight.shape[0])
+    view = _moe_view(plan, x, weight, lora_A, topk)
     return k.bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed_value(seed), view,
-                 needs_dx, needs_dA, needs_dB)
+                 needs_dx, needs_dA, needs_dB, slot_scales=slot_scales, topk=topk)
 
 
 @moe_lora_linear_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB, impl):
-    check_moe_shapes(x, weight, None, lora_A, lora_B, plan, dy=dy, xa=xa)
+def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB, impl,
+      slot_scales=None, topk=1):
+    check_moe_shapes(x, weight, None, lora_A, lora_B, plan, dy=dy, xa=xa, slot_scales=slot_scales, topk=topk)
     return fake_bwd(x, lora_A, lora_B, needs_dx, needs_dA, needs_dB)
 
 
-def _moe_base_grads(dy: Tensor, x: Tensor, weight: Tensor, ids: Tensor, need_dw: bool, need_db: bool
-                    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Per-expert base weight / bias gradients, dW[e] = dy[rows]^T x[rows], db[e] = sum dy[rows].
-    The base is frozen in LoRA; if a caller does train it, this is a loop over the experts
-    present (one host sync; unfused: never the hot path)."""
+def _moe_base_grads(dy: Tensor, x: Tensor, weight: Tensor, ids: Tensor, need_dw: bool, need_db: bool,
+                    topk: int = 1) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Per-expert base weight / bias gradients, dW[e] = dy[rows]^T x[rows // topk], db[e] = sum
+    dy[rows], over every row of expert e (virtual ids: e = id % E). The base is frozen in LoRA;
+    if a caller does train it, this is a loop over the experts present (one host sync;
+    unfused: never the hot path)."""
     if not (need_dw or need_db):
         return None, None
     acc = acc_dtype(x.dtype)
     E = weight.shape[0]
+    base = torch.where(ids >= 0, ids % E, -1)
     dW = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_dw else None
     db = torch.zeros(E, dy.shape[1], dtype=acc, device=x.device) if need_db else None
-    for e in reference._moe_experts(ids, E):
-        rows = (ids == e).nonzero(as_tuple=True)[0]
+    for e in reference._moe_experts(base, E):
+        rows = (base == e).nonzero(as_tuple=True)[0]
         g = dy[rows].to(acc)
         if dW is not None:
-            dW[e] = g.t() @ x[rows].to(acc)
+            dW[e] = g.t() @ x[rows // topk].to(acc)
         if db is not None:
             db[e] = g.sum(0)
     return (dW.to(weight.dtype) if dW is not None else None,
@@ -378,33 +394,35 @@ def _moe_base_grads(dy: Tensor, x: Tensor, weight: Tensor, ids: Tensor, need_dw:
 
 
 def _moe_lora_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, impl = inputs
+    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, impl, slot_scales, topk = inputs
     _, xa = output
-    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, xa, seed, plan)
-    ctx.scale, ctx.dropout_p, ctx.impl = scale, dropout_p, impl
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, xa, seed, plan, slot_scales)
+    ctx.scale, ctx.dropout_p, ctx.impl, ctx.topk = scale, dropout_p, impl, topk
 
 
 def _moe_lora_backward(ctx, dy, _dxa):
-    x, weight, bias, lora_A, lora_B, xa, seed, plan = ctx.saved_tensors
+    x, weight, bias, lora_A, lora_B, xa, seed, plan, slot_scales = ctx.saved_tensors
     nx, nw, nb, nA, nB = ctx.needs_input_grad[:5]
-    ids = routing.unpack(plan, x.shape[0], weight.shape[0]).ids
+    topk = ctx.topk
+    ids = _moe_view(plan, x, weight, lora_A, topk).ids
     if torch.is_grad_enabled():  # create_graph=True: differentiable formulas, on the inputs
         y = reference.moe_lora_linear(x, weight, bias, lora_A, lora_B, ctx.scale, ids, ctx.dropout_p,
-                                      seed_value(seed))
+                                      seed_value(seed), slot_scales, topk)
         want = [t for t, n in zip((x, weight, bias, lora_A, lora_B), (nx, nw, nb, nA, nB)) if n]
         g = iter(torch.autograd.grad(y, want, dy, create_graph=True, allow_unused=True))
         out = [next(g) if n else None for n in (nx, nw, nb, nA, nB)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None)
     dx = dA = dB = None
     if nx or nA or nB:
         dx, dA, dB = moe_lora_linear_bwd(
             dy, x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed, plan, nx, nA, nB, ctx.impl,
+            slot_scales, topk,
         )
         dx = dx if nx else None
         dA = dA if nA else None
         dB = dB if nB else None
-    dW, db = _moe_base_grads(dy, x, weight, ids, nw, nb and bias is not None)
-    return dx, dW, db, dA, dB, None, None, None, None, None
+    dW, db = _moe_base_grads(dy, x, weight, ids, nw, nb and bias is not None, topk)
+    return dx, dW, db, dA, dB, None, None, None, None, None, None, None
 
 
 moe_lora_linear_fwd.register_autograd(_moe_lora_backward, setup_context=_moe_lora_setup_context)

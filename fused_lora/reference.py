@@ -350,15 +350,54 @@ def multi_lora_linear(
 
 # --------------------------------------------------------------------------------------------
 # Mixture of experts: y[m] = x[m] W[e]^T + b[e] + s (drop(x[m]) A[e]^T) B[e]^T, e = expert_ids[m]
-# (W [E, out, in], b [E, out], A [E, r, in], B [E, out, r]); rows with an id outside [0, E)
-# belong to no expert: their y / dx rows are 0 (reachable only with an unvalidated plan).
+# (W [E, out, in], b [E, out], A [E, r, in], B [E, out, r]); rows with an id outside [0, E) belong
+# to no expert: their y / dx rows are 0 (reachable only with an unvalidated plan).
+#
+# Adapter banks (A [S, E, r, in], B [S, E, out, r]): an adapter x expert pair is one virtual
+# expert, id v = (a + 1) * E + e; ids v in [0, E) are expert v without adapter (base only, the
+# same numbers as a batch without adapters). slot_scales [S] multiplies s per adapter.
+# topk > 1: x holds one row per token and row m reads x[m // topk] (the op's M = T * topk rows);
+# dx sums the topk rows of each token.
 # --------------------------------------------------------------------------------------------
 
 
 def _moe_experts(ids: Tensor, n_experts: int) -> list[int]:
-    """The experts present in ``ids`` (one host sync; the reference is the eager CPU path)."""
+    """The ids in [0, n_experts) present in ``ids`` (one host sync; the reference is the eager CPU
+    path)."""
     ids = ids.to(torch.int64)
     return torch.unique(ids[(ids >= 0) & (ids < n_experts)]).tolist()
+
+
+def _moe_banks(weight: Tensor, lora_A: Tensor, lora_B: Tensor):
+    """(A [L, r, in], B [L, out, r], offset): the adapters as a flat list of L virtual experts,
+    virtual id v using adapter v - offset (offset 0 with one adapter, E with banks)."""
+    E = weight.shape[0]
+    if lora_A.dim() == 4:
+        return lora_A.reshape(-1, *lora_A.shape[2:]), lora_B.reshape(-1, *lora_B.shape[2:]), E
+    return lora_A, lora_B, 0
+
+
+def _moe_rows(expert_ids: Tensor, weight: Tensor, n_lora: int, off: int):
+    """(ids [M] with out-of-range ids as -1, base expert of each row or -1)."""
+    E = weight.shape[0]
+    ids = expert_ids.reshape(-1).to(torch.int64)
+    ids = torch.where((ids >= 0) & (ids < off + n_lora), ids, -1)
+    return ids, torch.where(ids >= 0, ids % E, -1)
+
+
+def _moe_scale(scale, slot_scales: Optional[Tensor], lora: int, E: int, acc: torch.dtype):
+    if slot_scales is None:
+        return scale
+    return scale * slot_scales[lora // E].to(acc)
+
+
+def _gather(x: Tensor, topk: int) -> Tensor:
+    """x's rows as the op's M = T * topk rows (row m = x[m // topk])."""
+    return x if topk == 1 else x.repeat_interleave(topk, dim=0)
+
+
+def _sum_topk(d: Tensor, topk: int) -> Tensor:
+    return d if topk == 1 else d.reshape(-1, topk, d.shape[-1]).sum(1)
 
 
 def moe_lora_linear_fwd(
@@ -371,25 +410,37 @@ def moe_lora_linear_fwd(
     dropout_p: float,
     seed: int,
     expert_ids: Tensor,
+    slot_scales: Optional[Tensor] = None,
+    topk: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """MoE forward on 2-D x [M, in], ids [M]: a loop over the experts present, accumulating in
-    fp32 (fp64 for fp64 x). Returns (y [M, out] in x's dtype, xa = drop(x) A[e]^T [M, r] in the
-    accumulation dtype, 0 on rows of no expert; backward needs it)."""
+    """MoE forward on 2-D x [T, in], ids [M = T * topk]: a loop over the experts present (base
+    GEMM per expert, then the LoRA term per adapter x expert), accumulating in fp32 (fp64 for
+    fp64 x). Returns (y [M, out] in x's dtype, xa = drop(x) A[v]^T [M, r] in the accumulation
+    dtype, 0 on rows without adapter; backward needs it)."""
     acc = acc_dtype(x.dtype)
-    M = x.shape[0]
+    A, B, off = _moe_banks(weight, lora_A, lora_B)
     E, N = weight.shape[0], weight.shape[1]
-    ids = expert_ids.reshape(-1).to(torch.int64)
+    ids, base = _moe_rows(expert_ids, weight, A.shape[0], off)
+    M = ids.numel()
+    xl = _gather(x, topk)
     y = torch.zeros(M, N, dtype=acc, device=x.device)
-    xa = torch.zeros(M, lora_A.shape[1], dtype=acc, device=x.device)
-    xd = _dropped(x, dropout_p, seed, acc)
-    for e in _moe_experts(ids, E):
-        rows = (ids == e).nonzero(as_tuple=True)[0]
-        ye = x[rows].to(acc) @ weight[e].to(acc).t()
+    xa = torch.zeros(M, A.shape[1], dtype=acc, device=x.device)
+    for e in _moe_experts(base, E):
+        rows = (base == e).nonzero(as_tuple=True)[0]
+        ye = xl[rows].to(acc) @ weight[e].to(acc).t()
         if bias is not None:
             ye = ye + bias[e].to(acc)
-        xs = xd[rows] @ lora_A[e].to(acc).t()
-        xa[rows] = xs
-        y[rows] = ye + scale * (xs @ lora_B[e].to(acc).t())
+        y[rows] = ye
+    if any(v >= off for v in _moe_experts(ids, off + A.shape[0])):
+        xd = _dropped(xl, dropout_p, seed, acc)
+        for v in _moe_experts(ids, off + A.shape[0]):
+            if v < off:
+                continue
+            rows = (ids == v).nonzero(as_tuple=True)[0]
+            lv = v - off
+            xs = xd[rows] @ A[lv].to(acc).t()
+            xa[rows] = xs
+            y[rows] = y[rows] + _moe_scale(scale, slot_scales, lv, E, acc) * (xs @ B[lv].to(acc).t())
     return y.to(x.dtype), xa
 
 
@@ -407,38 +458,52 @@ def moe_lora_linear_bwd(
     needs_dx: bool,
     needs_dA: bool,
     needs_dB: bool,
+    slot_scales: Optional[Tensor] = None,
+    topk: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """MoE backward: (dx, dA [E, r, in], dB [E, out, r]); experts without rows get exact zeros,
-    a gradient not asked for is an empty tensor.
+    """MoE backward: (dx [T, in], dA, dB in lora_A / lora_B's shapes); adapters x experts
+    without rows get exact zeros, a gradient not asked for is an empty tensor.
 
-    ds = s dy B[e]; dx = dy W[e] + drop'(ds A[e]); dA[e] = ds^T drop(x); dB[e] = s dy^T xa."""
+    ds = s dy B[v]; dx = dy W[e] + drop'(ds A[v]) (summed over each token's topk rows);
+    dA[v] = ds^T drop(x); dB[v] = s dy^T xa."""
     acc = acc_dtype(x.dtype)
+    A, B, off = _moe_banks(weight, lora_A, lora_B)
     E = weight.shape[0]
-    ids = expert_ids.reshape(-1).to(torch.int64)
+    ids, base = _moe_rows(expert_ids, weight, A.shape[0], off)
+    M = ids.numel()
+    xl = _gather(x, topk)
     dyf = dy.to(acc)
-    dxf = torch.zeros(x.shape, dtype=acc, device=x.device) if needs_dx else None
-    dA = torch.zeros(lora_A.shape, dtype=acc, device=x.device) if needs_dA else None
-    dB = torch.zeros(lora_B.shape, dtype=acc, device=x.device) if needs_dB else None
+    dxf = torch.zeros(M, x.shape[1], dtype=acc, device=x.device) if needs_dx else None
+    dA = torch.zeros(A.shape, dtype=acc, device=x.device) if needs_dA else None
+    dB = torch.zeros(B.shape, dtype=acc, device=x.device) if needs_dB else None
     keep = None
     if dropout_p != 0.0 and needs_dx:
-        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
-    xd = _dropped(x, dropout_p, seed, acc) if needs_dA else None
-    for e in _moe_experts(ids, E):
-        rows = (ids == e).nonzero(as_tuple=True)[0]
+        keep = dropout_keep_mask(seed, M, x.shape[1], dropout_p, device=x.device)
+    xd = _dropped(xl, dropout_p, seed, acc) if needs_dA else None
+    if dxf is not None:
+        for e in _moe_experts(base, E):
+            rows = (base == e).nonzero(as_tuple=True)[0]
+            dxf[rows] = dyf[rows] @ weight[e].to(acc)
+    for v in _moe_experts(ids, off + A.shape[0]):
+        if v < off:
+            continue
+        lv = v - off
+        s = _moe_scale(scale, slot_scales, lv, E, acc)
+        rows = (ids == v).nonzero(as_tuple=True)[0]
         g = dyf[rows]
-        ds = scale * (g @ lora_B[e].to(acc))
+        ds = s * (g @ B[lv].to(acc))
         if dxf is not None:
-            dxl = ds @ lora_A[e].to(acc)
+            dxl = ds @ A[lv].to(acc)
             if keep is not None:
                 dxl = torch.where(keep[rows], dxl * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc))
-            dxf[rows] = g @ weight[e].to(acc) + dxl
+            dxf[rows] = dxf[rows] + dxl
         if dA is not None:
-            dA[e] = ds.t() @ xd[rows]
+            dA[lv] = ds.t() @ xd[rows]
         if dB is not None:
-            dB[e] = scale * (g.t() @ xa[rows].to(acc))
-    dx = dxf.to(x.dtype) if dxf is not None else x.new_empty(0)
-    dA_out = dA.to(lora_A.dtype) if dA is not None else lora_A.new_empty(0)
-    dB_out = dB.to(lora_B.dtype) if dB is not None else lora_B.new_empty(0)
+            dB[lv] = s * (g.t() @ xa[rows].to(acc))
+    dx = _sum_topk(dxf, topk).to(x.dtype) if dxf is not None else x.new_empty(0)
+    dA_out = dA.reshape(lora_A.shape).to(lora_A.dtype) if dA is not None else lora_A.new_empty(0)
+    dB_out = dB.reshape(lora_B.shape).to(lora_B.dtype) if dB is not None else lora_B.new_empty(0)
     return dx, dA_out, dB_out
 
 
@@ -452,21 +517,31 @@ def moe_lora_linear(
     expert_ids: Tensor,
     dropout_p: float = 0.0,
     seed: int = 0,
+    slot_scales: Optional[Tensor] = None,
+    topk: int = 1,
 ) -> Tensor:
-    """Differentiable MoE reference on 2-D x [M, in] (plain autograd: double backward, forward
+    """Differentiable MoE reference on 2-D x [T, in] (plain autograd: double backward, forward
     AD, a scale tensor's gradient; gradients reach every floating input). Reads the ids on the
-    host (eager only)."""
+    host (eager only). Returns [M = T * topk, out]."""
     acc = acc_dtype(x.dtype)
-    ids = expert_ids.reshape(-1).to(torch.int64)
+    A, B, off = _moe_banks(weight, lora_A, lora_B)
+    ids, base = _moe_rows(expert_ids, weight, A.shape[0], off)
     E, N = weight.shape[0], weight.shape[1]
-    xf = x.to(acc)
-    xd = _dropped(x, dropout_p, seed, acc)
-    y = torch.zeros(x.shape[0], N, dtype=acc, device=x.device)
-    for e in _moe_experts(ids, E):
-        rows = (ids == e).to(acc)[:, None]  # [M, 1]: this expert's rows
+    xl = _gather(x, topk)
+    xf = xl.to(acc)
+    xd = _dropped(xl, dropout_p, seed, acc)
+    y = torch.zeros(xl.shape[0], N, dtype=acc, device=x.device)
+    for e in _moe_experts(base, E):
+        rows = (base == e).to(acc)[:, None]  # [M, 1]: this expert's rows
         ye = xf @ weight[e].to(acc).t()
         if bias is not None:
             ye = ye + bias[e].to(acc)
-        ye = ye + scale * ((xd @ lora_A[e].to(acc).t()) @ lora_B[e].to(acc).t())
         y = y + rows * ye
+    for v in _moe_experts(ids, off + A.shape[0]):
+        if v < off:
+            continue
+        lv = v - off
+        rows = (ids == v).to(acc)[:, None]
+        s = _moe_scale(scale, slot_scales, lv, E, acc)
+        y = y + rows * (s * ((xd @ A[lv].to(acc).t()) @ B[lv].to(acc).t()))
     return y.to(x.dtype)

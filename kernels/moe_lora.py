@@ -70,29 +70,32 @@ _NUM_STAGES = 1 if INTERPRET else 3
 
 @triton.jit(do_not_specialize=["scale", "key1", "key2", "drop_thresh"])
 def _moe_shrink_kernel(
-    in_ptr, p_ptr, perm_ptr, tile_row0_ptr, tile_row1_ptr, tile_slot_ptr, out_ptr,
-    K, R, N_EXPERTS,
+    in_ptr, p_ptr, perm_ptr, tile_row0_ptr, tile_row1_ptr, tile_slot_ptr, out_ptr, ss_ptr,
+    K, R, N_VIRT, N_BASE, LORA_OFF, X_DIV,
     stride_im, stride_ik, stride_pe, stride_pr, stride_pk, stride_om, stride_or,
     scale, key1, key2, drop_thresh,
-    HAS_DROPOUT: tl.constexpr, P_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SS: tl.constexpr, P_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (max tiles, cdiv(R, BLOCK_R)): tile j holds sorted positions [row0, row1) of one
-    expert; program (j, c) computes rank chunk c of those rows and scatters it to out[perm[rows]].
-    Tiles of no expert and idle tiles write nothing (the launcher zero-fills out)."""
+    (virtual) expert v; program (j, c) computes rank chunk c of those rows with adapter
+    v - LORA_OFF (scaled by ss[(v - LORA_OFF) // N_BASE] with HAS_SS) and scatters it to
+    out[perm[rows]]; input row m is in[m // X_DIV]. Tiles without adapter (v < LORA_OFF), of no
+    expert and idle tiles write nothing (the launcher zero-fills out)."""
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     row0 = tl.load(tile_row0_ptr + pid_t)
     row1 = tl.load(tile_row1_ptr + pid_t)
     slot = tl.load(tile_slot_ptr + pid_t)
-    if (slot >= 0) & (slot < N_EXPERTS):
+    if (slot >= LORA_OFF) & (slot < N_VIRT):
+        lora = slot - LORA_OFF
         offs_p = row0 + tl.arange(0, BLOCK_M)
         mask_m = offs_p < row1
         tok = tl.load(perm_ptr + offs_p, mask=mask_m, other=0)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        p_slot = p_ptr + slot.to(tl.int64) * stride_pe
-        in_rows = in_ptr + tok[:, None].to(tl.int64) * stride_im
+        p_slot = p_ptr + lora.to(tl.int64) * stride_pe
+        in_rows = in_ptr + (tok // X_DIV)[:, None].to(tl.int64) * stride_im
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -108,7 +111,10 @@ def _moe_shrink_kernel(
                 acc = tl.dot(x.to(tl.float32), p, acc, input_precision=LORA_PRECISION)
             else:
                 acc = tl.dot(x, p.to(x.dtype), acc)
-        acc = acc * scale
+        if HAS_SS:
+            acc = acc * (scale * tl.load(ss_ptr + lora // N_BASE))
+        else:
+            acc = acc * scale
         tl.store(out_ptr + tok[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or,
                  acc, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -122,17 +128,19 @@ def _moe_shrink_kernel(
 @triton.jit(do_not_specialize=["lora_scale", "key1", "key2", "drop_thresh"])
 def _moe_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, q_ptr, y_ptr, perm_ptr, tile_row0_ptr, tile_row1_ptr, tile_slot_ptr,
-    N, K, R, N_EXPERTS, NUM_TILES,
+    ss_ptr, N, K, R, N_VIRT, N_BASE, LORA_OFF, X_DIV, NUM_TILES,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn,
     stride_sm, stride_sr, stride_qe, stride_qn, stride_qr, stride_ym, stride_yn,
     lora_scale, key1, key2, drop_thresh,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One [BM, BN] output tile of one expert per program, written once. Grid: tiles x
-    cdiv(N, BN), 1-D. Rows of a tile of no expert get zeros; idle tiles store nothing.
-    HAS_DROPOUT masks the LoRA term with the keep-mask of an [M, N] output (dx's drop')."""
+    """One [BM, BN] output tile of one (virtual) expert v per program, written once: base
+    expert v % N_BASE, adapter v - LORA_OFF when v >= LORA_OFF (else no LoRA term: base only),
+    input row m is x[m // X_DIV]. Grid: tiles x cdiv(N, BN), 1-D. Rows of a tile of no expert
+    get zeros; idle tiles store nothing. HAS_DROPOUT masks the LoRA term with the keep-mask of an
+    [M, N] output (dx's drop'); HAS_SS scales it by ss[(v - LORA_OFF) // N_BASE]."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_t, pid_n = _grouped_pid(pid, NUM_TILES, num_n, GROUP_M)
@@ -146,22 +154,27 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if (slot >= 0) & (slot < N_EXPERTS):
-        slot64 = slot.to(tl.int64)
-        q_slot = q_ptr + slot64 * stride_qe
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            s = tl.load(s_ptr + rows64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            q = tl.load(q_slot + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,  # Q^T
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(s, q.to(tl.float32), acc, input_precision=LORA_PRECISION)
-        acc = acc * lora_scale
-        if HAS_DROPOUT:
-            keep = _keep_mask(rows, offs_n, N, key1, key2, drop_thresh)
-            acc = tl.where(keep, acc, 0.0)
-        x_ptrs = x_ptr + rows64[:, None] * stride_xm
+    if (slot >= 0) & (slot < N_VIRT):
+        if slot >= LORA_OFF:
+            lora = slot - LORA_OFF
+            q_slot = q_ptr + lora.to(tl.int64) * stride_qe
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < R
+                s = tl.load(s_ptr + rows64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                q = tl.load(q_slot + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,  # Q^T
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(s, q.to(tl.float32), acc, input_precision=LORA_PRECISION)
+            if HAS_SS:
+                acc = acc * (lora_scale * tl.load(ss_ptr + lora // N_BASE))
+            else:
+                acc = acc * lora_scale
+            if HAS_DROPOUT:
+                keep = _keep_mask(rows, offs_n, N, key1, key2, drop_thresh)
+                acc = tl.where(keep, acc, 0.0)
+        slot64 = (slot % N_BASE).to(tl.int64)  # the base expert
+        x_ptrs = x_ptr + (rows64 // X_DIV)[:, None] * stride_xm
         w_ptrs = w_ptr + slot64 * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -186,20 +199,21 @@ def _moe_gemm_kernel(
 @triton.jit(do_not_specialize=["scale", "drop_scale", "key1", "key2", "drop_thresh"])
 def _moe_bwd_weight_kernel(
     x_ptr, dy_ptr, ds_ptr, xa_ptr, da_ptr, db_ptr, perm_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-    N, K, R, N_EXPERTS,
+    ss_ptr, N, K, R, N_VIRT, N_BASE, LORA_OFF, X_DIV,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_sm, stride_sr,
     stride_dae, stride_dar, stride_dak, stride_dbe, stride_dbn, stride_dbr,
     scale, drop_scale, key1, key2, drop_thresh,
-    NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SS: tl.constexpr,
     LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (segments, NUM_DA + NUM_DB), NUM_DA = cdiv(K, BK) * cdiv(R, BR) when NEED_DA.
-    Program (j, q) owns one block of expert seg_slot[j]'s gradient and walks that segment's rows
-    in sorted order, so every element is written by one program in a fixed order:
-    q < NUM_DA: dA[e, r-chunk, k-block] = ds[rows, r]^T drop(x)[rows, k]
-    else:       dB[e, n-block, r-chunk] = s dy[rows, n]^T xa[rows, r]
-    Experts without rows keep the launcher's zeros."""
+    Program (j, q) owns one block of the gradient of adapter l = seg_slot[j] - LORA_OFF and
+    walks that segment's rows in sorted order, so every element is written by one program in a
+    fixed order (x row m is x[m // X_DIV]):
+    q < NUM_DA: dA[l, r-chunk, k-block] = ds[rows, r]^T drop(x)[rows, k]
+    else:       dB[l, n-block, r-chunk] = s dy[rows, n]^T xa[rows, r]  (s * ss[l // N_BASE])
+    Adapters without rows keep the launcher's zeros; base-only segments write nothing."""
     seg = tl.program_id(0)
     q = tl.program_id(1)
     slot = tl.load(seg_slot_ptr + seg)
@@ -209,8 +223,9 @@ def _moe_bwd_weight_kernel(
     NUM_DA = 0
     if NEED_DA:
         NUM_DA = tl.cdiv(K, BLOCK_K) * num_r
-    if (slot >= 0) & (slot < N_EXPERTS):
-        slot64 = slot.to(tl.int64)
+    if (slot >= LORA_OFF) & (slot < N_VIRT):
+        lora = slot - LORA_OFF
+        slot64 = lora.to(tl.int64)
         if q < NUM_DA:
             offs_k = (q // num_r) * BLOCK_K + tl.arange(0, BLOCK_K)
             offs_r = (q % num_r) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -221,7 +236,8 @@ def _moe_bwd_weight_kernel(
                 offs_i = m0 + tl.arange(0, BLOCK_M)
                 mask_m = offs_i < length
                 tok = tl.load(perm_ptr + start + offs_i, mask=mask_m, other=0)
-                x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                x_rows = x_ptr + (tok // X_DIV)[:, None].to(tl.int64) * stride_xm
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk,
                             mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
                 if HAS_DROPOUT:
                     keep = _keep_mask(tok, offs_k, K, key1, key2, drop_thresh)
@@ -249,7 +265,10 @@ def _moe_bwd_weight_kernel(
                 s = tl.load(xa_ptr + tok[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
                 acc = tl.dot(dy_t, s, acc, input_precision=LORA_PRECISION)
-            acc = acc * scale
+            if HAS_SS:
+                acc = acc * (scale * tl.load(ss_ptr + lora // N_BASE))
+            else:
+                acc = acc * scale
             tl.store(db_ptr + slot64 * stride_dbe + offs_n[:, None] * stride_dbn
                      + offs_r[None, :] * stride_dbr,
                      acc.to(db_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
@@ -266,19 +285,48 @@ def _lora_precision(x_dtype: torch.dtype, p_dtype: torch.dtype) -> str:
     return "tf32x3" if (p_dtype == torch.float32 or x_dtype == torch.float32) and prec == "ieee" else "tf32"
 
 
+class _Banks:
+    """The adapters as a flat list of virtual experts (see fused_lora.reference): A [L, r, in],
+    B [L, out, r] (views of [S, E, ...] banks), the virtual id range n_virt, the base expert
+    count n_base, the id offset of adapter 0 (0 with one adapter per expert, E with banks), the
+    per-adapter scales (or None) and x's rows per op row (topk)."""
+
+    def __init__(self, weight: Tensor, lora_A: Tensor, lora_B: Tensor, slot_scales: Optional[Tensor],
+                 topk: int) -> None:
+        E = weight.shape[0]
+        if lora_A.dim() == 4:
+            self.A = lora_A.reshape(-1, *lora_A.shape[2:])
+            self.B = lora_B.reshape(-1, *lora_B.shape[2:])
+            self.off = E
+        else:
+            self.A, self.B, self.off = lora_A, lora_B, 0
+        self.n_base, self.n_virt = E, self.off + self.A.shape[0]
+        self.ss, self.topk = slot_scales, topk
+
+    def ids(self) -> tuple:
+        return self.n_virt, self.n_base, self.off
+
+    def ss_args(self, use: bool, dummy: Tensor) -> tuple:
+        """(pointer, HAS_SS) for a kernel whose scale is the LoRA scaling (use) or not."""
+        on = use and self.ss is not None
+        return (self.ss if on else dummy), on
+
+
 def _launch_shrink(inp: Tensor, P: Tensor, stride_pe: int, stride_pr: int, stride_pk: int, R: int,
-                   out: Tensor, scale: float, drop: tuple, plan: RoutingView) -> None:
-    """out[m, :] = scale * drop(inp)[m] P[e]^T (P[e] is r x K through the given strides) into the
-    zero-filled fp32 out [M, R]."""
+                   out: Tensor, scale: float, drop: tuple, plan: RoutingView, banks: _Banks,
+                   x_div: int, slot_scaled: bool) -> None:
+    """out[m, :] = scale * drop(inp)[m // x_div] P[v]^T (P[v] is r x K through the given strides;
+    times the adapter's slot scale when slot_scaled) into the zero-filled fp32 out [M, R]."""
     K = inp.shape[1]
     key1, key2, thresh = drop
     BLOCK_R = _block_r(R)
+    ss, has_ss = banks.ss_args(slot_scaled, out)
     _moe_shrink_kernel[(plan.n_tiles, triton.cdiv(R, BLOCK_R))](
-        inp, P, plan.order, plan.tile_row0, plan.tile_row1, plan.tile_slot, out,
-        K, R, P.shape[0],
+        inp, P, plan.order, plan.tile_row0, plan.tile_row1, plan.tile_slot, out, ss,
+        K, R, *banks.ids(), x_div,
         inp.stride(0), inp.stride(1), stride_pe, stride_pr, stride_pk, out.stride(0), out.stride(1),
         scale, key1, key2, thresh,
-        HAS_DROPOUT=thresh > 0, P_FP32=P.dtype == torch.float32,
+        HAS_DROPOUT=thresh > 0, HAS_SS=has_ss, P_FP32=P.dtype == torch.float32,
         LORA_PRECISION=_lora_precision(inp.dtype, P.dtype),
         BLOCK_M=_BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
@@ -286,21 +334,22 @@ def _launch_shrink(inp: Tensor, P: Tensor, stride_pe: int, stride_pr: int, strid
 
 def _launch_gemm(x: Tensor, w: Tensor, w_strides: tuple, N: int, bias: Optional[Tensor], s: Tensor,
                  Q: Tensor, q_strides: tuple, R: int, y: Tensor, lora_scale: float, drop: tuple,
-                 plan: RoutingView) -> None:
-    """y[m] = x[m] W[e]^T (+ b[e]) + drop'(lora_scale * s[m] Q[e]^T); W[e] [N, K], Q[e] [N, R]
-    through strides (e, n, k) and (e, n, r)."""
+                 plan: RoutingView, banks: _Banks, x_div: int, slot_scaled: bool) -> None:
+    """y[m] = x[m // x_div] W[e]^T (+ b[e]) + drop'(lora_scale * s[m] Q[v]^T); W[e] [N, K], Q[v]
+    [N, R] through strides (e, n, k) and (v, n, r)."""
     K = x.shape[1]
     key1, key2, thresh = drop
     T = plan.n_tiles
     bias_t = bias if bias is not None else y
     bstr = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
+    ss, has_ss = banks.ss_args(slot_scaled, y)
     _moe_gemm_kernel[(T * triton.cdiv(N, _BLOCK_N),)](
-        x, w, bias_t, s, Q, y, plan.order, plan.tile_row0, plan.tile_row1, plan.tile_slot,
-        N, K, R, w.shape[0], T,
+        x, w, bias_t, s, Q, y, plan.order, plan.tile_row0, plan.tile_row1, plan.tile_slot, ss,
+        N, K, R, *banks.ids(), x_div, T,
         x.stride(0), x.stride(1), *w_strides, *bstr, s.stride(0), s.stride(1), *q_strides,
         y.stride(0), y.stride(1),
         lora_scale, key1, key2, thresh,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=thresh > 0, INPUT_PRECISION=_fp32_precision(),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=thresh > 0, HAS_SS=has_ss, INPUT_PRECISION=_fp32_precision(),
         LORA_PRECISION=_lora_precision(x.dtype, Q.dtype), BLOCK_R=_block_r(R), BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M, num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,
@@ -321,26 +370,31 @@ def moe_lora_linear_fwd(
     dropout_p: float,
     seed: int,
     plan: RoutingView,
+    slot_scales: Optional[Tensor] = None,
+    topk: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Triton forward; contract of fused_lora.reference.moe_lora_linear_fwd with the rows'
     routing given by ``plan`` (built once per MoE layer and batch). Returns (y [M, N] in x's
-    dtype, xa = drop(x) A[e]^T fp32 [M, r], saved for backward)."""
-    M, K = x.shape
+    dtype, xa = drop(x) A[v]^T fp32 [M, r], saved for backward), M = T * topk: row m reads
+    x[m // topk] in place (a token's top-k rows are never copied)."""
+    T, K = x.shape
+    M = T * topk
     N = weight.shape[1]
-    R = lora_A.shape[1]
+    bk = _Banks(weight, lora_A, lora_B, slot_scales, topk)
+    A, B = bk.A, bk.B
+    R = A.shape[1]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    # Zero-filled: rows of no expert are never written by the shrink.
+    # Zero-filled: rows without adapter are never written by the shrink.
     xa = torch.zeros(M, R, device=x.device, dtype=torch.float32)
     if M == 0 or N == 0:
         return y, xa
     key1, key2, thresh, drop_scale = _dropout_args(dropout_p, seed)
     with _device(x):
         if K > 0:
-            _launch_shrink(x, lora_A, lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), R, xa,
-                           drop_scale, (key1, key2, thresh), plan)
+            _launch_shrink(x, A, A.stride(0), A.stride(1), A.stride(2), R, xa,
+                           drop_scale, (key1, key2, thresh), plan, bk, topk, False)
         _launch_gemm(x, weight, (weight.stride(0), weight.stride(1), weight.stride(2)), N, bias, xa,
-                     lora_B, (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2)), R, y, scale,
-                     (0, 0, 0), plan)
+                     B, (B.stride(0), B.stride(1), B.stride(2)), R, y, scale, (0, 0, 0), plan, bk, topk, True)
     return y, xa
 
 
@@ -358,16 +412,23 @@ def moe_lora_linear_bwd(
     needs_dx: bool,
     needs_dA: bool,
     needs_dB: bool,
+    slot_scales: Optional[Tensor] = None,
+    topk: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward; contract of fused_lora.reference.moe_lora_linear_bwd, routing from the
     forward's plan (nothing sorted again). Deterministic: every dA / dB block is owned by one
-    program; experts without rows keep exact zeros."""
-    M, K = x.shape
-    E, N = weight.shape[0], weight.shape[1]
-    R = lora_A.shape[1]
-    dx = torch.empty(M, K, device=x.device, dtype=x.dtype) if needs_dx else x.new_empty(0)
-    dA = torch.zeros_like(lora_A) if needs_dA else lora_A.new_empty(0)
-    dB = torch.zeros_like(lora_B) if needs_dB else lora_B.new_empty(0)
+    program; adapters without rows keep exact zeros. With topk > 1 the M rows' dx is formed in
+    fp32 and each token's topk rows summed (a reduction, no atomics)."""
+    T, K = x.shape
+    M = T * topk
+    N = weight.shape[1]
+    bk = _Banks(weight, lora_A, lora_B, slot_scales, topk)
+    A, B = bk.A, bk.B
+    E_lora = A.shape[0]
+    R = A.shape[1]
+    dx = torch.empty(T, K, device=x.device, dtype=x.dtype) if needs_dx else x.new_empty(0)
+    dA = torch.zeros(lora_A.shape, device=x.device, dtype=lora_A.dtype) if needs_dA else lora_A.new_empty(0)
+    dB = torch.zeros(lora_B.shape, device=x.device, dtype=lora_B.dtype) if needs_dB else lora_B.new_empty(0)
     if not (needs_dx or needs_dA or needs_dB):
         return dx, dA, dB
     if M == 0 or K == 0 or N == 0:
@@ -379,31 +440,35 @@ def moe_lora_linear_bwd(
     with _device(x):
         ds = torch.zeros(M, R, device=x.device, dtype=torch.float32)
         if needs_dx or needs_dA:
-            # ds = s dy B[e]: B[e] [N, r] read as an r x N operand through swapped strides.
-            _launch_shrink(dy, lora_B, lora_B.stride(0), lora_B.stride(2), lora_B.stride(1), R, ds,
-                           scale, (0, 0, 0), plan)
+            # ds = s dy B[v]: B[v] [N, r] read as an r x N operand through swapped strides.
+            _launch_shrink(dy, B, B.stride(0), B.stride(2), B.stride(1), R, ds,
+                           scale, (0, 0, 0), plan, bk, 1, True)
         if needs_dx:
-            # dx = dy W[e] + drop'(ds A[e]): the forward GEMM with W[e]^T and A[e]^T by strides.
+            # dx = dy W[e] + drop'(ds A[v]): the forward GEMM with W[e]^T and A[v]^T by strides.
+            dxl = dx if topk == 1 else torch.empty(M, K, device=x.device, dtype=torch.float32)
             _launch_gemm(dy, weight, (weight.stride(0), weight.stride(2), weight.stride(1)), K, None, ds,
-                         lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1)), R, dx,
-                         drop_scale, drop, plan)
+                         A, (A.stride(0), A.stride(2), A.stride(1)), R, dxl,
+                         drop_scale, drop, plan, bk, 1, False)
+            if topk > 1:
+                dx.copy_(dxl.view(T, topk, K).sum(1))
         if needs_dA or needs_dB:
             S = plan.seg_len.numel()
             BLOCK_R = _block_r(R)
             nr = triton.cdiv(R, BLOCK_R)
             n_da = triton.cdiv(K, _BLOCK_K) * nr if needs_dA else 0
             n_db = triton.cdiv(N, _BLOCK_N) * nr if needs_dB else 0
-            dat = dA if needs_dA else lora_A
-            dbt = dB if needs_dB else lora_B
+            dat = dA.view(E_lora, R, K) if needs_dA else A
+            dbt = dB.view(E_lora, N, R) if needs_dB else B
+            ss, has_ss = bk.ss_args(True, ds)
             _moe_bwd_weight_kernel[(S, n_da + n_db)](
-                x, dy, ds, xa, dat, dbt, plan.order, plan.seg_start, plan.seg_len, plan.seg_slot,
-                N, K, R, E,
+                x, dy, ds, xa, dat, dbt, plan.order, plan.seg_start, plan.seg_len, plan.seg_slot, ss,
+                N, K, R, *bk.ids(), topk,
                 x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), ds.stride(0), ds.stride(1),
                 xa.stride(0), xa.stride(1), dat.stride(0), dat.stride(1), dat.stride(2),
                 dbt.stride(0), dbt.stride(1), dbt.stride(2),
                 scale, drop_scale, key1, key2, thresh,
-                NEED_DA=needs_dA, NEED_DB=needs_dB, HAS_DROPOUT=thresh > 0,
-                LORA_PRECISION=_lora_precision(x.dtype, lora_A.dtype), BLOCK_R=BLOCK_R,
+                NEED_DA=needs_dA, NEED_DB=needs_dB, HAS_DROPOUT=thresh > 0, HAS_SS=has_ss,
+                LORA_PRECISION=_lora_precision(x.dtype, A.dtype), BLOCK_R=BLOCK_R,
                 BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS,
                 num_stages=_NUM_STAGES,
             )

@@ -24,13 +24,15 @@ register_kernel("multi_lora_linear", "torch", fwd=_multi_fwd, bwd=_multi_bwd, dt
                 doc="PyTorch reference (a loop over the slots present)")
 
 
-def _moe_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan):
-    return R.moe_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan.ids)
+def _moe_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, slot_scales=None, topk=1):
+    return R.moe_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan.ids,
+                                 slot_scales, topk)
 
 
-def _moe_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB):
+def _moe_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB,
+             slot_scales=None, topk=1):
     return R.moe_lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan.ids,
-                                 needs_dx, needs_dA, needs_dB)
+                                 needs_dx, needs_dA, needs_dB, slot_scales, topk)
 
 
 register_kernel("moe_lora_linear", "torch", fwd=_moe_fwd, bwd=_moe_bwd, dtypes=ALL_DTYPES,

@@ -39,6 +39,8 @@ SUPPORTED_CONFIG_KEYS: Dict[str, str] = {
     "eva_config": "EVA init: data-driven lora_A, base weight untouched",
     "corda_config": "used only with init_lora_weights='corda'",
     "lora_ga_config": "used only with init_lora_weights='lora_ga'",
+    "target_parameters": "checked: the gate_up_proj / down_proj of fused MoE experts (MoELoRAExperts); "
+    "any other parameter is refused by name",
     "ensure_weight_tying": "ties adapters of tied embedding / modules_to_save layers (refused anyway)",
 }
 
@@ -111,7 +113,6 @@ CONFIG_FEATURES: Dict[str, Callable[[Any], Optional[str]]] = {
     "arrow_config": _flag("Arrow routing (arrow_config)"),
     "trainable_token_indices": _flag("trainable_token_indices (trainable token embeddings)"),
     "modules_to_save": _flag("modules_to_save (fully trained extra modules)"),
-    "target_parameters": _flag("target_parameters (LoRA on bare nn.Parameters, e.g. MoE experts)"),
     "layer_replication": _flag("layer_replication (PEFT-built repeated layers)"),
     "megatron_config": _flag("Megatron tensor-parallel LoRA (megatron_config)"),
 }
@@ -148,7 +149,6 @@ VARIANT_FEATURES: Dict[str, Optional[str]] = {
 LAYER_FEATURES: Dict[str, str] = {
     "Embedding": "embedding LoRA", "Conv1d": "convolution LoRA", "Conv2d": "convolution LoRA",
     "Conv3d": "convolution LoRA", "MultiheadAttention": "MultiheadAttention LoRA",
-    "ParamWrapper": "target_parameters LoRA",
 }
 
 

@@ -136,8 +136,10 @@ def inject_lora(
             as PEFT does with bias="none".
         target_parameters: fused 3-D expert parameters of MoE layers (PEFT's
             ``target_parameters``, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``):
-            their experts modules become :class:`fused_lora.moe.MoELoRAExperts`. With
-            ``target_modules=None`` only these are adapted.
+            their experts modules become :class:`fused_lora.moe.MoELoRAExperts` (rank_pattern /
+            alpha_pattern keys match the parameter's full name, as in PEFT). With
+            ``target_modules=None`` only these are adapted. Dropout applies to the experts too
+            (PEFT refuses it there).
 
     Returns:
         The qualified names of the replaced modules, in ``named_modules`` order.
@@ -150,12 +152,10 @@ def inject_lora(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if target_parameters is not None:
-        from fused_lora.moe import inject_moe_lora
-
-        moe = inject_moe_lora(model, target_parameters, r=r, lora_alpha=lora_alpha, dropout=lora_dropout,
-                              backend=backend)
-        if target_modules is None:
-            return moe
+        return _inject_with_parameters(
+            model, target_modules, target_parameters, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            use_rslora=use_rslora, backend=backend, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+            exclude_modules=exclude_modules, adapter_dtype=adapter_dtype, freeze_base=freeze_base)
     targets = _check_targets(target_modules)
     exclude = None if exclude_modules is None else _check_targets(exclude_modules, "exclude_modules")
     rank_pattern = dict(rank_pattern or {})
@@ -207,17 +207,62 @@ def inject_lora(
     return names
 
 
+def _inject_with_parameters(model: nn.Module, target_modules, target_parameters, *, r, lora_alpha,
+                            lora_dropout, use_rslora, backend, rank_pattern, alpha_pattern, exclude_modules,
+                            adapter_dtype, freeze_base) -> List[str]:
+    """inject_lora with target_parameters: MoE experts (MoELoRAExperts) and, if target_modules
+    is given, Linear layers too; all of it or nothing (one transaction)."""
+    from fused_lora.moe import inject_moe_lora, moe_layers
+
+    _check_rank_alpha(r, lora_alpha, "")
+    if not (0.0 <= float(lora_dropout) < 1.0):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    with _transaction(model):
+        names = inject_moe_lora(model, target_parameters, r=r, lora_alpha=lora_alpha, dropout=lora_dropout,
+                                use_rslora=use_rslora, backend=backend, rank_pattern=rank_pattern,
+                                alpha_pattern=alpha_pattern, adapter_dtype=adapter_dtype)
+        if target_modules is not None:
+            names = inject_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, backend,
+                                rank_pattern, alpha_pattern, exclude_modules=exclude_modules,
+                                adapter_dtype=adapter_dtype, freeze_base=freeze_base) + names
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for _, m in _fused_layers(model):
+        m.lora_A.weight.requires_grad_(True)
+        m.lora_B.weight.requires_grad_(True)
+    for _, m in moe_layers(model):
+        for p in m.lora_parameters():
+            p.requires_grad_(True)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(set(names), key=lambda n: order.get(n, -1))
+
+
 def lora_state_dict(model: nn.Module, peft_format: bool = False) -> Dict[str, Tensor]:
     """The LoRA parameters of every FusedLoRALinear in ``model``: ``{"<module>.lora_A.weight":
-    [r, in], "<module>.lora_B.weight": [out, r]}`` (detached tensors, not copies). With
-    ``peft_format=True`` keys get PEFT's ``"base_model.model."`` prefix, as in
-    ``adapter_model.safetensors``. A PeftModel is unwrapped first."""
+    [r, in], "<module>.lora_B.weight": [out, r]}`` (detached tensors, not copies), and of every
+    MoELoRAExperts: ``{"<module>.lora_A_<proj>": [E, r, in], "<module>.lora_B_<proj>":
+    [E, out, r]}``. With ``peft_format=True`` keys get PEFT's ``"base_model.model."`` prefix, as
+    in ``adapter_model.safetensors``, and experts' weights PEFT's target_parameters keys and
+    layout (copies; see :mod:`fused_lora.integrations.moe_io`). A PeftModel is unwrapped first."""
+    from fused_lora.integrations import moe_io
+    from fused_lora.moe import moe_layers
+
     model = _unwrap_peft(model)
     prefix = _PEFT_PREFIX if peft_format else ""
     out: Dict[str, Tensor] = {}
     for name, m in _fused_layers(model):
         out[f"{prefix}{name}.lora_A.weight"] = m.lora_A.weight.detach()
         out[f"{prefix}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    for name, m in moe_layers(model):  # MoE experts (target_parameters)
+        leaves = [t for t in m.proj_order if t in m.targets]
+        for t, pre in moe_io.peft_key_prefixes(name, leaves).items():
+            A, B = getattr(m, f"lora_A_{t}").detach(), getattr(m, f"lora_B_{t}").detach()
+            if peft_format:  # PEFT's ParamWrapper layout (copies): lora_A [E*r, in], lora_B [out, E*r]
+                A, B = moe_io.to_peft_layout(A, B)
+                out[f"{prefix}{pre}.lora_A.weight"], out[f"{prefix}{pre}.lora_B.weight"] = A, B
+            else:
+                out[f"{name}.lora_A_{t}"], out[f"{name}.lora_B_{t}"] = A, B
     return out
 
 

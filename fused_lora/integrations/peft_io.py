@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -21,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fused_lora.integrations import features
+from fused_lora.integrations import features, moe_io
 from fused_lora.integrations.inject import (
     _PEFT_PREFIX,
     _fused_layers,
@@ -38,6 +39,7 @@ from fused_lora.integrations.matching import (
     _pattern_value,
 )
 from fused_lora.modules import FusedLoRALinear
+from fused_lora.moe import MoELoRAExperts, _FusedExperts, moe_layers
 
 _CONFIG_NAME = "adapter_config.json"
 _SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -87,9 +89,11 @@ def _read_adapter_folder(path: Union[str, os.PathLike]) -> tuple:
     return cfg, sd
 
 
-def _parse_peft_state(sd: Mapping[str, Tensor], where: str) -> Dict[str, Dict[str, Tensor]]:
+def _parse_peft_state(sd: Mapping[str, Tensor], where: str, *, allow_empty: bool = False
+                      ) -> Dict[str, Dict[str, Tensor]]:
     """{module name: {"A": [r, in], "B": [out, r]}} from PEFT's keys; refuses keys of features
-    that plain LoRA does not have (the feature table's key patterns)."""
+    that plain LoRA does not have (the feature table's key patterns). allow_empty: the adapter
+    may have no module weights (its target_parameters weights were split off already)."""
     mods: Dict[str, Dict[str, Tensor]] = {}
     # Name the feature first: its checkpoints also hold other keys (e.g. saved embedding layers).
     features.refuse_keys(sd, where)
@@ -117,7 +121,7 @@ def _parse_peft_state(sd: Mapping[str, Tensor], where: str) -> Dict[str, Dict[st
                 f"{where}: module {name!r}: lora_A {tuple(ab['A'].shape)} and lora_B "
                 f"{tuple(ab['B'].shape)} ranks differ"
             )
-    if not mods:
+    if not mods and not allow_empty:
         raise ValueError(f"{where}: the adapter has no LoRA weights")
     return mods
 
@@ -141,6 +145,24 @@ class _ModuleLoad:
 
 
 @dataclass
+class _ParamLoad:
+    """One targeted projection of a fused MoE experts module (PEFT's target_parameters)."""
+
+    A: Tensor  # [E, r, in] (a view of PEFT's [E*r, in])
+    B: Tensor  # [E, out, r] (a view of PEFT's [out, E*r])
+    r: int
+    alpha: float
+
+
+@dataclass
+class _ExpertsLoad:
+    """One fused experts module's share of an adapter: its targeted projections."""
+
+    module: nn.Module  # the transformers experts module, or its MoELoRAExperts
+    projs: Dict[str, _ParamLoad] = field(default_factory=dict)  # projection -> load, nesting order
+
+
+@dataclass
 class _AdapterLoad:
     """An adapter folder checked against a model, before anything in the model changes."""
 
@@ -149,6 +171,11 @@ class _AdapterLoad:
     use_rslora: bool
     dropout: float
     modules: Dict[str, _ModuleLoad] = field(default_factory=dict)  # qualified name -> load
+    experts: Dict[str, _ExpertsLoad] = field(default_factory=dict)  # MoE experts module -> load
+
+    def expert_scale(self, name: str, proj: str) -> float:
+        p = self.experts[name].projs[proj]
+        return p.alpha / (math.sqrt(p.r) if self.use_rslora else p.r)
 
     @property
     def frozen_lora_B(self) -> bool:
@@ -175,7 +202,11 @@ def _adapter_load_plan(
     cfg, sd = _read_adapter_folder(path)
     features.refuse_config(cfg, where)
     features.check_config_values(cfg, where)
-    mods = _parse_peft_state(sd, where)
+    features.refuse_keys(sd, where)
+    experts = _experts_load_plan(model, cfg, sd, where, into_fused=into_fused)
+    if experts is not None:
+        ptargets, found, sd = experts
+    mods = _parse_peft_state(sd, where, allow_empty=experts is not None)
     targets = cfg.get("target_modules")
     if targets is not None:
         missing = _missing_targets(model, targets if isinstance(targets, str) else list(targets))
@@ -189,6 +220,8 @@ def _adapter_load_plan(
     alpha_pattern = cfg.get("alpha_pattern") or {}
     out = _AdapterLoad(where=where, config=cfg, use_rslora=bool(cfg.get("use_rslora", False)),
                        dropout=float(cfg.get("lora_dropout", 0.0) or 0.0))
+    if experts is not None:
+        _fill_experts_plan(out, model, ptargets, found, rank_pattern, alpha_pattern, r0, a0)
     for name, ab in mods.items():
         try:
             m = model.get_submodule(name)
@@ -232,6 +265,8 @@ def _adapter_load_plan(
         out.modules[name] = _ModuleLoad(m, ab["A"], ab["B"], r, alpha)
     if into_fused:
         uncovered = [n for n, _ in _fused_layers(model) if n not in out.modules]
+        uncovered += [f"{n}.{t}" for n, m in moe_layers(model) for t in m.targets
+                      if n not in out.experts or t not in out.experts[n].projs]
         if uncovered:
             raise ValueError(
                 f"{where}: module {uncovered[0]!r} has a fused LoRA adapter (inject_lora) but the "
@@ -239,6 +274,52 @@ def _adapter_load_plan(
                 "adapter's target modules, or load into the base model"
             )
     return out
+
+
+def _experts_load_plan(model: nn.Module, cfg: Mapping[str, Any], sd: Mapping[str, Tensor], where: str,
+                       *, into_fused: bool):
+    """(targets {module: [projections]}, PEFT weights {module: {proj: {"A", "B"}}}, the other
+    keys) for an adapter with target_parameters, or None without them."""
+    tp = cfg.get("target_parameters")
+    if not tp:
+        return None
+    ptargets = moe_io.param_targets(model, tp, where)
+    for name in ptargets:
+        m = model.get_submodule(name)
+        if isinstance(m, _FusedExperts) and not (into_fused and isinstance(m, MoELoRAExperts)):
+            raise ValueError(f"{where}: module {name!r} already has fused MoE LoRA adapters (a "
+                             f"{type(m).__name__}); target the plain base model")
+    found, rest = moe_io.split_param_keys(sd, ptargets, _PEFT_PREFIX, where)
+    return ptargets, found, rest
+
+
+def _fill_experts_plan(out: _AdapterLoad, model: nn.Module, ptargets, found, rank_pattern, alpha_pattern,
+                       r0, a0) -> None:
+    where = out.where
+    for name, leaves in ptargets.items():
+        m = model.get_submodule(name)
+        fused = isinstance(m, MoELoRAExperts)
+        load = _ExpertsLoad(m)
+        for leaf in leaves:
+            pname = f"{name}.{leaf}"
+            w = found[name][leaf]
+            dims = moe_io.proj_dims(m, leaf)
+            r = moe_io.check_param_weights(pname, dims, w["A"], w["B"], where)
+            r_cfg = _pattern_value(rank_pattern, pname, r0)
+            if r != r_cfg:
+                raise ValueError(f"{where}: target parameter {pname!r} has rank {r} in the weights but "
+                                 f"{r_cfg} in the config")
+            if fused and (leaf not in m.targets or m.ranks[leaf] != r):
+                have = f"rank {m.ranks[leaf]}" if leaf in m.targets else "no adapter"
+                raise ValueError(
+                    f"{where}: {pname!r} has {have} in the model's MoELoRAExperts (from inject_lora) but "
+                    f"the checkpoint's is rank {r}; inject with the adapter's ranks, or load into the "
+                    "base model"
+                )
+            alpha = _pattern_value(alpha_pattern, pname, a0)
+            A, B = moe_io.from_peft_layout(w["A"], w["B"], dims[0])
+            load.projs[leaf] = _ParamLoad(A, B, r, alpha)
+        out.experts[name] = load
 
 
 def load_peft_adapter(
@@ -259,6 +340,12 @@ def load_peft_adapter(
     alpha from ``lora_alpha`` / ``alpha_pattern``; ``use_rslora`` and ``lora_dropout`` from the
     config. Conv1D bases are fan_in_fan_out as in PEFT. Outputs equal
     ``PeftModel.from_pretrained(model, path)``'s (dropout masks aside).
+
+    ``target_parameters`` adapters (LoRA on the fused ``gate_up_proj`` / ``down_proj`` of
+    transformers' MoE experts, e.g. Qwen3-MoE, Mixtral) replace each experts module by a
+    :class:`~fused_lora.moe.MoELoRAExperts` (PEFT's [E*r, in] / [out, E*r] weights reshaped per
+    expert; rank_pattern / alpha_pattern by the parameter's full name), and load into the
+    MoELoRAExperts of a model injected with ``inject_lora(..., target_parameters=...)``.
 
     A model that :func:`inject_lora` already gave FusedLoRALinear layers takes the weights into
     those layers (each must be in the checkpoint, with the same rank; its alpha, rsLoRA and
@@ -307,13 +394,48 @@ def load_peft_adapter(
                 fused.lora_B.weight.copy_(ml.B)
             if fused is not m:
                 tx.replace(name, fused)
+        for name, el in plan.experts.items():
+            _apply_experts_load(tx, name, el, plan, backend, autocast_adapter_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     if is_trainable:
         for _, m in _fused_layers(model):
             m.lora_A.weight.requires_grad_(True)
             m.lora_B.weight.requires_grad_(not plan.frozen_lora_B)
+        for _, m in moe_layers(model):
+            for t in m.targets:
+                getattr(m, f"lora_A_{t}").requires_grad_(True)
+                getattr(m, f"lora_B_{t}").requires_grad_(not plan.frozen_lora_B)
     return model
+
+
+def _apply_experts_load(tx, name: str, el: _ExpertsLoad, plan: _AdapterLoad, backend: str,
+                        autocast_adapter_dtype: bool) -> None:
+    """Load one experts module's target_parameters weights: into its MoELoRAExperts (from
+    inject_lora), or into a new MoELoRAExperts over the base module (recorded in ``tx``)."""
+    m = el.module
+    if isinstance(m, MoELoRAExperts):
+        layer = m
+        tx.set_attr(m, "alphas", {**m.alphas, **{t: p.alpha for t, p in el.projs.items()}})
+        tx.set_attr(m, "use_rslora", plan.use_rslora)
+        tx.set_attr(m, "dropout", plan.dropout)
+        for t in el.projs:
+            tx.save_tensor(getattr(m, f"lora_A_{t}"))
+            tx.save_tensor(getattr(m, f"lora_B_{t}"))
+    else:
+        w = m.gate_up_proj
+        dt = torch.float32 if autocast_adapter_dtype and w.dtype in (torch.float16, torch.bfloat16) else None
+        layer = MoELoRAExperts(m, r={t: p.r for t, p in el.projs.items()},
+                               lora_alpha={t: p.alpha for t, p in el.projs.items()}, targets=tuple(el.projs),
+                               dropout=plan.dropout, use_rslora=plan.use_rslora, backend=backend,
+                               adapter_dtype=dt)
+        layer.train(m.training)
+    with torch.no_grad():
+        for t, p in el.projs.items():
+            getattr(layer, f"lora_A_{t}").copy_(p.A)
+            getattr(layer, f"lora_B_{t}").copy_(p.B)
+    if layer is not m:
+        tx.replace(name, layer)
 
 
 def _suffix_targets(model: nn.Module, names: List[str]) -> Union[List[str], str]:
@@ -330,6 +452,21 @@ def _suffix_targets(model: nn.Module, names: List[str]) -> Union[List[str], str]
     return suffixes
 
 
+def _param_suffix_targets(model: nn.Module, names: List[str]) -> List[str]:
+    """PEFT target_parameters naming ``names`` (full parameter names): the shortest common
+    suffixes ("mlp.experts.gate_up_proj" style) that select exactly these parameters, else the
+    full names."""
+    wanted = set(names)
+    # The base model's parameter names (a MoELoRAExperts keeps its base's names).
+    all_names = [n for n, _ in model.named_parameters()]
+    for depth in (1, 2):
+        suffixes = sorted({".".join(n.split(".")[-(depth + 1):]) for n in names})
+        picked = {n for n in all_names if any(n == t or n.endswith("." + t) for t in suffixes)}
+        if picked == wanted:
+            return suffixes
+    return sorted(names)
+
+
 def save_peft_adapter(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -341,6 +478,9 @@ def save_peft_adapter(
     + ``adapter_model.safetensors``, or ``adapter_model.bin`` with ``safe_serialization=False``)
     that ``PeftModel.from_pretrained(base_model, path)`` loads back. Ranks / alphas that differ
     between modules go into ``rank_pattern`` / ``alpha_pattern`` (exact module names).
+    MoELoRAExperts layers are written as PEFT ``target_parameters`` adapters (their keys and
+    layout, see :mod:`fused_lora.integrations.moe_io`); a non-zero dropout on them is saved as
+    0 with a warning, since PEFT refuses lora_dropout with target_parameters.
     ``task_type`` (e.g. "CAUSAL_LM") is written to the config, so that PEFT rebuilds the matching
     ``PeftModelFor...`` class; the checkpoint keys are the same either way.
 
@@ -350,23 +490,38 @@ def save_peft_adapter(
     """
     model = _unwrap_peft(model)
     layers = dict(_fused_layers(model))
-    if not layers:
-        raise ValueError("model has no FusedLoRALinear layers to save (call inject_lora first)")
+    experts = dict(moe_layers(model))
+    if not layers and not experts:
+        raise ValueError("model has no FusedLoRALinear or MoELoRAExperts layers to save (call inject_lora "
+                         "first)")
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"modules {merged[:3]} are merged: call unmerge_lora(model) before saving")
-    rs = {m.use_rslora for m in layers.values()}
+    # One record per adapted unit: a Linear module, or one projection of an experts module
+    # (named by its parameter, as PEFT's rank_pattern / alpha_pattern match target_parameters).
+    units = {n: (m.r, m.lora_alpha, m.use_rslora, m.lora_dropout) for n, m in layers.items()}
+    for n, m in experts.items():
+        for t in m.targets:
+            units[f"{n}.{t}"] = (m.ranks[t], m.alphas[t], m.use_rslora, m.dropout)
+    rs = {u[2] for u in units.values()}
     if len(rs) != 1:
         raise ValueError("modules mix use_rslora=True and False; PEFT's config has one use_rslora")
-    drops = {m.lora_dropout for m in layers.values()}
+    drops = {u[3] for u in units.values()}
+    if experts:
+        if any(drops):
+            # PEFT refuses lora_dropout != 0 with target_parameters: write 0 (training-only; the
+            # weights are the same) so that PeftModel.from_pretrained loads the folder.
+            warnings.warn(f"save_peft_adapter: lora_dropout {sorted(drops)} saved as 0.0: PEFT refuses "
+                          "lora_dropout with target_parameters (MoE experts)", stacklevel=2)
+        drops = {0.0}
     if len(drops) != 1:
         raise ValueError(f"modules use different lora_dropout {sorted(drops)}; PEFT's config has one")
-    ranks = Counter(m.r for m in layers.values())
-    alphas = Counter(m.lora_alpha for m in layers.values())
+    ranks = Counter(u[0] for u in units.values())
+    alphas = Counter(u[1] for u in units.values())
     r0 = ranks.most_common(1)[0][0]
     a0 = alphas.most_common(1)[0][0]
-    rank_pattern = {n: m.r for n, m in layers.items() if m.r != r0}
-    alpha_pattern = {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != a0}
+    rank_pattern = {n: u[0] for n, u in units.items() if u[0] != r0}
+    alpha_pattern = {n: u[1] for n, u in units.items() if u[1] != a0}
     cfg = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -376,7 +531,7 @@ def save_peft_adapter(
         "lora_dropout": drops.pop(),
         "use_rslora": rs.pop(),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
-        "target_modules": _suffix_targets(model, list(layers)),
+        "target_modules": _suffix_targets(model, list(layers)) if layers else [],
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
@@ -386,6 +541,9 @@ def save_peft_adapter(
         "use_dora": False,
         "lora_bias": False,
     }
+    if experts:
+        cfg["target_parameters"] = _param_suffix_targets(
+            model, [f"{n}.{t}" for n, m in experts.items() for t in m.targets])
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     sd = {k: v.contiguous() for k, v in lora_state_dict(model, peft_format=True).items()}

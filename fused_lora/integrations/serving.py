@@ -12,8 +12,9 @@ from typing import Dict, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from fused_lora.integrations.inject import _set_submodule
+from fused_lora.integrations.inject import _transaction
 from fused_lora.integrations.peft_io import _adapter_load_plan, _AdapterLoad
+from fused_lora.moe import MoEMultiLoRAExperts
 from fused_lora.routing import BatchRouting
 
 _SLOT_MAP_ATTR = "fused_lora_adapter_slots"
@@ -53,7 +54,11 @@ def load_peft_adapters_multi(
     """Load several PEFT LoRA adapter folders into :class:`~fused_lora.MultiLoRALinear` banks over
     one shared base model, for mixed-adapter batches (each sequence or token picks its adapter).
 
-    Every ``nn.Linear`` that any adapter targets becomes a MultiLoRALinear sharing the base weight;
+    Every ``nn.Linear`` that any adapter targets becomes a MultiLoRALinear sharing the base weight,
+    and every fused MoE experts module that an adapter targets through ``target_parameters`` a
+    :class:`~fused_lora.moe.MoEMultiLoRAExperts` (an adapter x expert pair is one virtual
+    expert; tokens with id -1 get the base experts' output; one routing plan per MoE layer and
+    batch, shared by gate_up and down);
     adapter ``k`` (in ``adapters``' order) goes to slot ``k`` of each bank it has weights for,
     with its PEFT scaling (alpha / r or alpha / sqrt(r), rank/alpha patterns applied); a module
     an adapter does not target keeps that slot empty (base output, as PEFT). Banks are frozen
@@ -109,26 +114,53 @@ def load_peft_adapters_multi(
     for plan in loaded.values():
         for name, ml in plan.modules.items():
             modules[name] = max(modules.get(name, 0), ml.r)
-    if max_rank is not None and max(modules.values()) > max_rank:
+    if max_rank is not None and modules and max(modules.values()) > max_rank:
         big = max(modules, key=modules.get)
         raise ValueError(f"max_rank={max_rank} is smaller than rank {modules[big]} at module {big!r}")
 
+    # MoE experts (target_parameters): {module: {projection: largest rank over adapters}}.
+    experts: Dict[str, Dict[str, int]] = {}
+    for plan in loaded.values():
+        for name, el in plan.experts.items():
+            ranks = experts.setdefault(name, {})
+            for t, pl in el.projs.items():
+                ranks[t] = max(ranks.get(t, 0), pl.r)
+    if max_rank is not None:
+        for name, ranks in experts.items():
+            for t, r in ranks.items():
+                if r > max_rank:
+                    raise ValueError(f"max_rank={max_rank} is smaller than rank {r} at {name}.{t}")
+    if not modules and not experts:
+        raise ValueError("the adapters have no LoRA weights")
+
     slots = {an: i for i, an in enumerate(adapters)}
     n = n_slots if n_slots is not None else len(adapters)
-    order = [name for name, _ in model.named_modules() if name in modules]
-    for name in order:
-        base = model.get_submodule(name)
-        bank = MultiLoRALinear(
-            base, n, max_rank or modules[name], trainable=False, backend=backend,
-            adapter_dtype=adapter_dtype,  # None: the base weight's dtype
-        )
-        for an, plan in loaded.items():
-            if name in plan.modules:
-                ml = plan.modules[name]
-                bank.load_adapter(slots[an], ml.A, ml.B, plan.scale(name))
-        bank.register_forward_pre_hook(_expand_ids_hook, with_kwargs=True)
-        bank.train(base.training)
-        _set_submodule(model, name, bank)
+    order = [name for name, _ in model.named_modules() if name in modules or name in experts]
+    with _transaction(model) as tx:
+        for name in order:
+            base = model.get_submodule(name)
+            if name in experts:
+                ranks = experts[name]
+                bank = MoEMultiLoRAExperts(
+                    base, n, {t: max_rank or ranks.get(t, 1) for t in ("gate_up_proj", "down_proj")},
+                    backend=backend, adapter_dtype=adapter_dtype)
+                for an, plan in loaded.items():
+                    if name in plan.experts:
+                        el = plan.experts[name]
+                        bank.load_adapter(slots[an], {t: (pl.A, pl.B, plan.expert_scale(name, t))
+                                                      for t, pl in el.projs.items()})
+            else:
+                bank = MultiLoRALinear(
+                    base, n, max_rank or modules[name], trainable=False, backend=backend,
+                    adapter_dtype=adapter_dtype,  # None: the base weight's dtype
+                )
+                for an, plan in loaded.items():
+                    if name in plan.modules:
+                        ml = plan.modules[name]
+                        bank.load_adapter(slots[an], ml.A, ml.B, plan.scale(name))
+                bank.register_forward_pre_hook(_expand_ids_hook, with_kwargs=True)
+            bank.train(base.training)
+            tx.replace(name, bank)
     for p in model.parameters():
         p.requires_grad_(False)
     setattr(model, _SLOT_MAP_ATTR, dict(slots))
@@ -158,6 +190,11 @@ def _to_ids(model: nn.Module, ids: Union[Tensor, Sequence[Union[int, str, None]]
     return torch.tensor(out, dtype=torch.int64, device=device)
 
 
+def _bank_device(bank: nn.Module) -> torch.device:
+    w = getattr(bank, "weight", None)
+    return w.device if isinstance(w, Tensor) else bank.gate_up_proj.device  # MoE experts bank
+
+
 @contextlib.contextmanager
 def adapter_ids(model: nn.Module, ids: Union[Tensor, Sequence[Union[int, str, None]]]) -> Iterator[Tensor]:
     """Route a model's ordinary forward (e.g. a transformers ``model(input_ids)`` or
@@ -169,13 +206,14 @@ def adapter_ids(model: nn.Module, ids: Union[Tensor, Sequence[Union[int, str, No
 
     ``ids``: adapter names, slot ints or None (one per sequence), or an integer tensor [batch]
     (one per sequence) or [batch, seq] (one per token). Sets ``default_adapter_ids`` on every
-    MultiLoRALinear in ``model`` (restored on exit); banks from :func:`load_peft_adapters_multi`
-    broadcast per-sequence ids over the token dims. Yields the id tensor.
+    MultiLoRALinear and MoEMultiLoRAExperts in ``model`` (restored on exit); banks from
+    :func:`load_peft_adapters_multi` broadcast per-sequence ids over the token dims. Yields the
+    id tensor.
     """
     banks = [m for m in model.modules() if hasattr(m, "default_adapter_ids") and hasattr(m, "load_adapter")]
     if not banks:
         raise ValueError("model has no MultiLoRALinear layers (use load_peft_adapters_multi first)")
-    t = _to_ids(model, ids, banks[0].weight.device)
+    t = _to_ids(model, ids, _bank_device(banks[0]))
     if t.dim() not in (1, 2):
         raise ValueError(f"ids must be [batch] or [batch, seq], got shape {tuple(t.shape)}")
     n = banks[0].n_slots

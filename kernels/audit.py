@@ -3,9 +3,10 @@
     python -m fused_lora.kernels.audit [--arch 90a,80] [--cases NAME,...] [--json out.json] [--gate]
 
 How it compiles what runs. Each named case (_CASES: training 8192 x 4096^2 at r = 16 / 64 with
-bf16 / fp32 adapters, dropout on and off, both forward shrink variants; fp16; decode M = 1 and
-16 over 64 adapters; prefill of 4096 tokens over 8 adapters) calls the real launchers
-(kernels.lora_linear / kernels.multi_lora) on CPU tensors of the named shapes while Triton's
+bf16 / fp32 adapters, dropout on and off, the forward's shrink / TMA variants; fp16; decode
+M = 1 and 16 over 64 adapters; prefill of 4096 tokens over 8 adapters; one Qwen3-30B-A3B MoE
+gate_up, 4096 tokens x top-8 of 128 experts) calls the real launchers (kernels.lora_linear /
+kernels.multi_lora / kernels.moe_lora) on CPU tensors of the named shapes while Triton's
 launch is intercepted: Autotuner.run is replaced by a loop over every config the autotuner
 could pick (its own prune_configs, so a kernel's prune_configs_by / early_config_prune
 applies), and JITFunction.run by a recorder of the real arguments and constexprs. Each
@@ -86,6 +87,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installed Triton
                   "JITFunction._pack_args; triton/runtime/autotuner.py: Autotuner.prune_configs)")
 
 from fused_lora.kernels import lora_linear as L  # noqa: E402
+from fused_lora.kernels import moe_lora as MOE  # noqa: E402
 from fused_lora.kernels import multi_lora as ML  # noqa: E402
 from fused_lora.kernels import plain_gemm as PG  # noqa: E402
 from fused_lora.routing import RoutingPlan  # noqa: E402
@@ -102,6 +104,7 @@ HOT = {
     "_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_ds_kernel", "_lora_bwd_kernel",
     "_mlora_bgmv_shrink_kernel", "_mlora_sgmv_shrink_kernel", "_mlora_fwd_gather",
     "_mlora_fwd_segmented", "_mlora_bwd_weight_kernel", "_lora_fwd_tma_kernel",
+    "_moe_shrink_kernel", "_moe_gemm_kernel", "_moe_bwd_weight_kernel",
 }
 # The ratio gate: the single-adapter forward GEMM and dx GEMM. (The multi-adapter GEMMs get
 # the ratio column too, for information.)
@@ -123,14 +126,15 @@ _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "b
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str  # "train" | "multi"
+    kind: str  # "train" | "multi" | "moe" | "plain"
     M: int
     N: int
     K: int
     R: int
     x_dtype: str = "bf16"
     a_dtype: str = "bf16"
-    slots: int = 0
+    slots: int = 0  # multi: adapters in the bank; moe: experts
+    topk: int = 1  # moe: experts per token (M tokens give M * topk rows)
     path: Optional[str] = None
     split_k: Optional[int] = None
     ci: bool = False  # in the CI subset (tests/test_audit.py)
@@ -152,6 +156,9 @@ _CASES = [
     Case("decode-m1", "multi", 1, 4096, 4096, 16, slots=64, path="decode", split_k=8),
     Case("decode-m16", "multi", 16, 4096, 4096, 16, slots=64, path="decode", split_k=8, ci=True),
     Case("prefill-4096x8", "multi", 4096, 4096, 4096, 16, slots=8, path="prefill", ci=True),
+    # One Qwen3-30B-A3B MoE layer's gate_up projection: 4096 tokens, top-8 of E = 128 experts,
+    # H = 2048 -> 2 x I = 1536, r = 16.
+    Case("moe-qwen3", "moe", 4096, 1536, 2048, 16, slots=128, topk=8, ci=True),
     # Known answers: the plain GEMM against itself (ratio 1.0, HGMMA, no spill), and a config
     # whose 4 stages of 256x128 + 128x256 bf16 tiles (512 KB) cannot launch.
     Case("selftest", "plain", 8192, 4096, 4096, 0, selftest=True),
@@ -185,6 +192,23 @@ def _calls(c: Case) -> list[tuple[str, Callable[[], Any]]]:
                                                  num_stages=3, num_warps=8)),
             ("256x256x128", lambda: PG.plain_gemm(x, wt, block_m=256, block_n=256, block_k=128,
                                                   num_stages=4, num_warps=8)),
+        ]
+    if c.kind == "moe":
+        from fused_lora import routing
+        from fused_lora.moe import moe_routing_plan
+
+        W = e(c.slots, c.N, c.K, dtype=xd)  # [E, out, in], never touched (no page is faulted in)
+        A, B = e(c.slots, c.R, c.K, dtype=ad), e(c.slots, c.N, c.R, dtype=ad)
+        ids = (torch.arange(c.M * c.topk, dtype=torch.int64) * 7 % c.slots).reshape(c.M, c.topk)
+        view = routing.unpack(moe_routing_plan(ids, c.slots).data, c.M * c.topk, c.slots)
+        rows_xa = e(c.M * c.topk, c.R, dtype=torch.float32)
+        dy_r = e(c.M * c.topk, c.N, dtype=xd)
+        mf, mb = MOE.moe_lora_linear_fwd, MOE.moe_lora_linear_bwd
+        return [
+            ("fwd p=0", lambda: mf(x, W, None, A, B, 2.0, 0.0, 0, view, topk=c.topk)),
+            ("fwd p=0.1", lambda: mf(x, W, None, A, B, 2.0, 0.1, 0, view, topk=c.topk)),
+            ("bwd p=0", lambda: mb(dy_r, x, W, A, B, rows_xa, 2.0, 0.0, 0, view, True, True, True,
+                                   topk=c.topk)),
         ]
     A, B = e(c.slots, c.R, c.K, dtype=ad), e(c.slots, c.N, c.R, dtype=ad)
     scales = e(c.slots, dtype=torch.float32)
@@ -226,7 +250,7 @@ class _Capture:
 
     @staticmethod
     def _name(obj: Any) -> str:
-        for mod in (L, ML, PG):
+        for mod in (L, ML, MOE, PG):
             for k, v in vars(mod).items():
                 if v is obj:
                     return k

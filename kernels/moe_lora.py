@@ -48,6 +48,8 @@ from fused_lora.kernels.lora_linear import (
     _fp32_precision,
     _grouped_pid,
     _keep_mask,
+    _lora_dot,
+    lora_precision,
 )
 from fused_lora.routing import BLOCK_M as ROUTING_BLOCK_M
 from fused_lora.routing import RoutingView
@@ -108,7 +110,7 @@ def _moe_shrink_kernel(
             p = tl.load(p_slot + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr,  # P^T
                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             if P_FP32:
-                acc = tl.dot(x.to(tl.float32), p, acc, input_precision=LORA_PRECISION)
+                acc = _lora_dot(x, p, acc, LORA_PRECISION)
             else:
                 acc = tl.dot(x, p.to(x.dtype), acc)
         if HAS_SS:
@@ -123,6 +125,27 @@ def _moe_shrink_kernel(
 # Grouped GEMM + expand: y[m, n] = sum_k x[m, k] W[e, n, k] (+ b[e, n]) + drop'(c s[m] . Q[e, n, :])
 # (forward: W, Q = B, s = xa, c = scale; backward dx: W^T, Q = A^T, s = ds, c = 1/(1-p), mask)
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_expand(acc, s_ptr, q_ptr, ss_ptr, rows64, offs_n, mask_m, mask_n, slot, R, N_BASE, LORA_OFF,
+                stride_sm, stride_sr, stride_qe, stride_qn, stride_qr, lora_scale,
+                HAS_SS: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    # acc + (s * ss) xa[rows] Q[l]^T of adapter l = slot - LORA_OFF
+    lora = slot - LORA_OFF
+    sc = lora_scale
+    if HAS_SS:
+        sc = lora_scale * tl.load(ss_ptr + lora // N_BASE)
+    q_slot = q_ptr + lora.to(tl.int64) * stride_qe
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        s = tl.load(s_ptr + rows64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0) * sc
+        q = tl.load(q_slot + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,  # Q^T
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _lora_dot(s, q, acc, LORA_PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["lora_scale", "key1", "key2", "drop_thresh"])
@@ -155,22 +178,11 @@ def _moe_gemm_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if (slot >= 0) & (slot < N_VIRT):
-        if slot >= LORA_OFF:
-            lora = slot - LORA_OFF
-            q_slot = q_ptr + lora.to(tl.int64) * stride_qe
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < R
-                s = tl.load(s_ptr + rows64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                q = tl.load(q_slot + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,  # Q^T
-                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(s, q.to(tl.float32), acc, input_precision=LORA_PRECISION)
-            if HAS_SS:
-                acc = acc * (lora_scale * tl.load(ss_ptr + lora // N_BASE))
-            else:
-                acc = acc * lora_scale
-            if HAS_DROPOUT:
+        if HAS_DROPOUT:  # dx's drop'(ds A): masked on its own, so the accumulator's first value
+            if slot >= LORA_OFF:
+                acc = _moe_expand(acc, s_ptr, q_ptr, ss_ptr, rows64, offs_n, mask_m, mask_n, slot, R,
+                                  N_BASE, LORA_OFF, stride_sm, stride_sr, stride_qe, stride_qn, stride_qr,
+                                  lora_scale, HAS_SS, LORA_PRECISION, BLOCK_R)
                 keep = _keep_mask(rows, offs_n, N, key1, key2, drop_thresh)
                 acc = tl.where(keep, acc, 0.0)
         slot64 = (slot % N_BASE).to(tl.int64)  # the base expert
@@ -184,6 +196,14 @@ def _moe_gemm_kernel(
             w = tl.load(w_ptrs + offs_k[:, None].to(tl.int64) * stride_wk,  # W[e]^T tile [BK, BN]
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(x.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
+        if not HAS_DROPOUT:
+            # after the main loop, into the same accumulator, the scale on the [BM, BR] xa tile:
+            # before it, with `acc *= scale`, ptxas serialised the loop's wgmma (C7515, audit
+            # sm_90a, case moe-qwen3)
+            if slot >= LORA_OFF:
+                acc = _moe_expand(acc, s_ptr, q_ptr, ss_ptr, rows64, offs_n, mask_m, mask_n, slot, R,
+                                  N_BASE, LORA_OFF, stride_sm, stride_sr, stride_qe, stride_qn, stride_qr,
+                                  lora_scale, HAS_SS, LORA_PRECISION, BLOCK_R)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + slot64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
             acc = acc + bias.to(tl.float32)[None, :]
@@ -231,58 +251,55 @@ def _moe_bwd_weight_kernel(
             offs_r = (q % num_r) * BLOCK_R + tl.arange(0, BLOCK_R)
             mask_k = offs_k < K
             mask_r = offs_r < R
-            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            acc_a = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
             for m0 in range(0, length, BLOCK_M):
                 offs_i = m0 + tl.arange(0, BLOCK_M)
                 mask_m = offs_i < length
                 tok = tl.load(perm_ptr + start + offs_i, mask=mask_m, other=0)
                 x_rows = x_ptr + (tok // X_DIV)[:, None].to(tl.int64) * stride_xm
                 x = tl.load(x_rows + offs_k[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 if HAS_DROPOUT:
                     keep = _keep_mask(tok, offs_k, K, key1, key2, drop_thresh)
                     x = tl.where(keep, x, 0.0)
                 ds_t = tl.load(ds_ptr + offs_r[:, None] * stride_dsr + tok[None, :].to(tl.int64) * stride_dsm,
                                mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-                acc = tl.dot(ds_t, x, acc, input_precision=LORA_PRECISION)
-            acc = acc * drop_scale
+                acc_a = _lora_dot(ds_t, x, acc_a, LORA_PRECISION)
+            # (distinct names for the two arms' accumulators: compiled Triton needs a name
+            # assigned in both arms of a runtime `if` to keep one shape)
+            acc_a = acc_a * drop_scale
             tl.store(da_ptr + slot64 * stride_dae + offs_r[:, None] * stride_dar
                      + offs_k[None, :] * stride_dak,
-                     acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
+                     acc_a.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
         elif NEED_DB:
             qb = q - NUM_DA
             offs_n = (qb // num_r) * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_r = (qb % num_r) * BLOCK_R + tl.arange(0, BLOCK_R)
             mask_n = offs_n < N
             mask_r = offs_r < R
-            acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+            acc_b = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
             for m0 in range(0, length, BLOCK_M):
                 offs_i = m0 + tl.arange(0, BLOCK_M)
                 mask_m = offs_i < length
                 tok = tl.load(perm_ptr + start + offs_i, mask=mask_m, other=0).to(tl.int64)
                 dy_t = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + tok[None, :] * stride_dym,
-                               mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)
+                               mask=mask_n[:, None] & mask_m[None, :], other=0.0)
                 s = tl.load(xa_ptr + tok[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                acc = tl.dot(dy_t, s, acc, input_precision=LORA_PRECISION)
+                acc_b = _lora_dot(dy_t, s, acc_b, LORA_PRECISION)
             if HAS_SS:
-                acc = acc * (scale * tl.load(ss_ptr + lora // N_BASE))
+                acc_b = acc_b * (scale * tl.load(ss_ptr + lora // N_BASE))
             else:
-                acc = acc * scale
+                acc_b = acc_b * scale
             tl.store(db_ptr + slot64 * stride_dbe + offs_n[:, None] * stride_dbn
                      + offs_r[None, :] * stride_dbr,
-                     acc.to(db_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
+                     acc_b.to(db_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers (same signatures as fused_lora.reference.moe_lora_linear_fwd / _bwd, routing view
 # instead of ids)
 # --------------------------------------------------------------------------------------------
-
-
-def _lora_precision(x_dtype: torch.dtype, p_dtype: torch.dtype) -> str:
-    prec = _fp32_precision()
-    return "tf32x3" if (p_dtype == torch.float32 or x_dtype == torch.float32) and prec == "ieee" else "tf32"
 
 
 class _Banks:
@@ -327,7 +344,7 @@ def _launch_shrink(inp: Tensor, P: Tensor, stride_pe: int, stride_pr: int, strid
         inp.stride(0), inp.stride(1), stride_pe, stride_pr, stride_pk, out.stride(0), out.stride(1),
         scale, key1, key2, thresh,
         HAS_DROPOUT=thresh > 0, HAS_SS=has_ss, P_FP32=P.dtype == torch.float32,
-        LORA_PRECISION=_lora_precision(inp.dtype, P.dtype),
+        LORA_PRECISION=lora_precision(inp.dtype, P.dtype),
         BLOCK_M=_BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
 
@@ -350,7 +367,7 @@ def _launch_gemm(x: Tensor, w: Tensor, w_strides: tuple, N: int, bias: Optional[
         y.stride(0), y.stride(1),
         lora_scale, key1, key2, thresh,
         HAS_BIAS=bias is not None, HAS_DROPOUT=thresh > 0, HAS_SS=has_ss, INPUT_PRECISION=_fp32_precision(),
-        LORA_PRECISION=_lora_precision(x.dtype, Q.dtype), BLOCK_R=_block_r(R), BLOCK_M=_BLOCK_M,
+        LORA_PRECISION=lora_precision(x.dtype, Q.dtype), BLOCK_R=_block_r(R), BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M, num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,
     )
@@ -468,7 +485,7 @@ def moe_lora_linear_bwd(
                 dbt.stride(0), dbt.stride(1), dbt.stride(2),
                 scale, drop_scale, key1, key2, thresh,
                 NEED_DA=needs_dA, NEED_DB=needs_dB, HAS_DROPOUT=thresh > 0, HAS_SS=has_ss,
-                LORA_PRECISION=_lora_precision(x.dtype, A.dtype), BLOCK_R=BLOCK_R,
+                LORA_PRECISION=lora_precision(x.dtype, A.dtype), BLOCK_R=BLOCK_R,
                 BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS,
                 num_stages=_NUM_STAGES,
             )

@@ -4,7 +4,8 @@ its machinery on cases with known answers, and the CI gates over the hot kernels
 The compiling tests run the audit once, in a subprocess with TRITON_INTERPRET unset (conftest
 sets it, and under the interpreter kernels cannot be compiled): the CI subset (--cases ci:
 training 8192 x 4096^2 r=16 with bf16 and fp32 adapters, decode M=16 over 64 adapters,
-prefill 4096 tokens over 8 adapters) plus the self-test case, for sm_90a.
+prefill 4096 tokens over 8 adapters, a Qwen3-30B-A3B MoE gate_up) plus the self-test case, for
+sm_90a.
 """
 
 from __future__ import annotations

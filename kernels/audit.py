@@ -982,6 +982,32 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict, configs: tuple = ("128x256x64 s3 w8", "128x64x256 s3 w8", "16x32x256 s3 w4",
+                                              "N256 K64 s3 w8", "64x64x64 s3 w4", "R16 K512 s3 w8")) -> str:
+    """A README-sized markdown table: each kernel x variant at its headline config (the first of
+    ``configs`` it was compiled at), with its plain-GEMM yardstick where it has one."""
+    out = ["| arch | case | variant | kernel | config | regs | stack | smem KB | main loop MMA | ins/step "
+           "| plain | ratio | loads / iter | notes |", "|" + "---|" * 14]
+    done = set()
+    for r in report["rows"]:
+        m = r["metrics"]
+        if r["case"] in ("plain", "selftest") or m.get("error") or r["config"] not in configs:
+            continue
+        key = (r["arch"], r["case"], r["variant"], r["kernel"])
+        if key in done:
+            continue
+        done.add(key)
+        lp = m.get("loop") or {}
+        mma = _fmt_hist(lp.get("mma", {})) if lp.get("mma") else (f"FFMAx{lp['ffma']}" if lp else "-")
+        notes = ",".join(sorted({n.split()[0] for n in m.get("notes", [])})) or "-"
+        f = (lambda v, d=0: "-" if v is None else f"{v:.{d}f}")
+        out.append(f"| {r['arch']} | {r['case']} | {r['variant']} | `{r['kernel']}` | {r['config']} | "
+                   f"{m.get('regs')} | {m.get('stack') or 0} | {m['shared'] // 1024} | {mma} | "
+                   f"{f(r['instrs_per_step'])} | {f(r['plain_instrs_per_step'])} | {f(r['ratio'], 2)} | "
+                   f"{_fmt_hist(lp.get('loads', {}))} | {notes} |")
+    return "\n".join(out)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fused_lora.kernels.audit",
                                 description=__doc__.split("\n\n")[0])
@@ -997,6 +1023,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--variants", help="comma list: only variant labels containing one of these")
     p.add_argument("--configs", help="comma list: only config labels starting with one of these")
     p.add_argument("--sass", metavar="DIR", help="write every compiled kernel's SASS into DIR")
+    p.add_argument("--markdown", action="store_true",
+                   help="print a README-sized markdown table (headline configs) after the full one")
     a = p.parse_args(argv)
     names: list[str] = []
     for tok in (s.strip() for s in a.cases.split(",")):
@@ -1019,6 +1047,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = run(archs, names, jobs=a.jobs, ext=not a.no_ext, plain=a.plain, kernels=_list(a.kernels),
                  variants=_list(a.variants), configs=_list(a.configs), sass_dir=a.sass)
     print(table(report))
+    if a.markdown:
+        print()
+        print(markdown(report))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

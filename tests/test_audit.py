@@ -213,3 +213,10 @@ def test_gate_extension_hgmma(report):
 @pytest.mark.parametrize("gate", ["wgmma-serialised", "spill", "unlaunchable", "ratio"])
 def test_gate(report, gate):
     assert not _gate(report, gate), _fmt(_gate(report, gate))
+
+
+def test_markdown_table_of_headline_configs():
+    rep = dict(rows=[_row(), _row(config="64x64x64 s4 w4"), _row(case="plain")])
+    md = audit.markdown(rep).splitlines()
+    assert md[0].startswith("| arch | case |") and len(md) == 3  # header, rule, one headline row
+    assert "`_lora_fwd_kernel`" in md[2] and "128x256x64 s3 w8" in md[2] and "| 1.00 |" in md[2]

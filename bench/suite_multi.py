@@ -11,9 +11,10 @@ the slots), ``zipf`` (Zipf s = 1.1), ``identical`` (all requests one adapter), `
 one adapter, the rest uniform) and ``with_none`` (half the requests without an adapter, id -1),
 at one rank (r = 16) or mixed ranks (8 / 16 / 32 / 64, r_max = 64).
 
-Competitors: the fused op ``fused_lora.multi_lora_linear`` per available backend
-(``fused_triton`` / ``fused_cuda`` / ``fused_torch`` on CPU, where the extension's C++ CPU
-kernels are ``cpp_cpu``; skipped with the reason while the op does not exist), ``base`` (the
+Competitors: the fused op ``fused_lora.multi_lora_linear`` per registry entry, variants
+included (``fused_triton``, ``fused_triton_decode`` / ``_prefill`` / ``_hybrid``, ``fused_cuda``,
+``fused_cuda_mma`` ..., ``fused_torch`` on CPU, where the extension's C++ CPU kernels are
+``cpp_cpu``; each skipped with the reason where it cannot run), ``base`` (the
 base layer alone: the lower bound), ``loop`` (base GEMM plus one shrink/expand pair per adapter
 present: what a naive server does), ``gather_bmm`` (gather each token's A and B, two batched
 matmuls: Punica's baseline; skipped where the gathered copies exceed a quarter of device
@@ -85,15 +86,20 @@ def request_ids(pattern: str, n_req: int, n_slots: int, gen: torch.Generator) ->
 def fused_impls(cfg: H.Config) -> tuple[list[tuple[str, str]], dict[str, str]]:
     import fused_lora
 
+    from fused_lora import backends
+
     run: list[tuple[str, str]] = []
     skip: dict[str, str] = {}
     if not hasattr(fused_lora, "multi_lora_linear"):
         why = "fused_lora.multi_lora_linear does not exist yet in this checkout"
         return [], {H.impl_label(be, cfg.device): why for be in ("triton", "cuda", "torch")}
-    for be in ("triton", "cuda", "torch"):
+    # Every registry entry, variants included (triton:decode / prefill / hybrid, cuda:mma ...),
+    # each timed through the public op with backend=<entry>: the variants side by side.
+    entries = [e for e in backends.names("multi_lora_linear") if e != "torch"] + ["torch"]
+    for be in entries:
         name = H.impl_label(be, cfg.device)
         why = H.entry_reason("multi_lora_linear", be, cfg.device)
-        if be == "triton" and not cfg.cuda:
+        if be.startswith("triton") and not cfg.cuda:
             why = "Triton runs on CPU only under the interpreter, whose timings mean nothing"
         if be == "torch" and cfg.cuda:
             why = "the torch backend is the CPU path (a per-slot Python loop on GPU)"

@@ -359,3 +359,15 @@ def test_auto_on_cpu_follows_the_shipped_table():
         want = min(ok, key=ok.get) if ok else "torch"
         got = backends.select(e["op"], "auto", cpu, torch.float32, e["mode"], e["rows"])
         assert got == want, (e, got)
+
+
+def test_multi_times_every_variant_by_entry_name(monkeypatch):
+    """On a GPU where every entry runs, suite multi times each registry entry of the op once,
+    variants included, named after the entry (no shim: the entry is passed as backend=)."""
+    cfg = H.Config(device=torch.device("cuda"), dtypes=[torch.bfloat16], size="quick", verbose=False)
+    monkeypatch.setattr(H, "entry_reason", lambda op, entry, device, dtype=None: "")
+    run, skip = suite_multi.fused_impls(cfg)
+    got = dict(run)
+    for entry in ("triton", "triton:decode", "triton:prefill", "triton:hybrid", "cuda"):
+        assert got[H.impl_label(entry, cfg.device)] == entry
+    assert "fused_torch" in skip

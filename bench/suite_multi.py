@@ -85,7 +85,6 @@ def request_ids(pattern: str, n_req: int, n_slots: int, gen: torch.Generator) ->
 
 def fused_impls(cfg: H.Config) -> tuple[list[tuple[str, str]], dict[str, str]]:
     import fused_lora
-
     from fused_lora import backends
 
     run: list[tuple[str, str]] = []

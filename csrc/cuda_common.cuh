@@ -69,6 +69,15 @@ struct InitArgs {
   const int64_t* ranks;
   const float* row_scale;
   int64_t srt_s;
+  // Grouped GEMM (MoE; launch_grouped_gemm only, nullptr elsewhere): the logical rows (sorted
+  // positions; physical row row_map[i]) are cut into tiles of one group each. Tile t covers
+  // logical rows [tiles[t], tiles[n_tiles + t]) of group g = tiles[2 n_tiles + t]; g = -1: rows
+  // of no group, whose outputs are written as exact zeros; an empty range: an idle tile. Q, Rt
+  // and bias are stacks indexed by g (strides sq_g, srt_s, sbias_g; Rt without ids).
+  const int* tiles;
+  int n_tiles;
+  int64_t sq_g;
+  int64_t sbias_g;
 };
 
 // Live ranks of slot `id` (ids already range-checked).
@@ -157,6 +166,17 @@ inline void check_cuda_inputs(const at::Tensor& x, const at::Tensor& lora_A) {
 // SIMT fp32 otherwise, a GEMV for M <= 8 with Q as [N, K].
 void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor& C,
                  const InitArgs& ia, int64_t gemm, fl_stream_t stream);
+
+// Grouped GEMM (gemm.cu; the MoE ops): for every tile t of ia.tiles (see InitArgs) of group g
+// >= 0 and each logical row i of it, C[row_map[i], j] = init + sum_k P[row_map[i], k] Q[g, j, k]
+// (init as launch_gemm's, with Rt / bias of group g); rows of group -1 get C = 0. P [M, K];
+// Q [G, N, K] any strides (its [N, K] face is read k-contiguous or n-contiguous in place, else
+// copied); C [M, N]. The caller builds ia.tiles with grouped_gemm_rows(P's dtype) rows per tile
+// and sets ia.row_map; ia.sq_g is set here. No split-K and no GEMV: tensor cores for fp16/bf16
+// (gemm resolved as for launch_gemm), SIMT fp32 otherwise.
+void launch_grouped_gemm(const at::Tensor& P, const at::Tensor& Q, at::Tensor& C,
+                         const InitArgs& ia, int64_t gemm, fl_stream_t stream);
+int64_t grouped_gemm_rows(at::ScalarType t);
 
 // The ops' `int gemm` argument (lora.h) resolved for the current device, once per op call before
 // any launch: auto -> wgmma where fl_has_wgmma() (the emulator: mma), else mma; an error naming

@@ -1,6 +1,8 @@
 // GEMM kernels shared by the single- and mixed-adapter ops: C = init + P Q^T, where init (the
 // LoRA term, dropout mask, bias) is computed in fp32 in the prologue and becomes the initial
 // accumulator, so C is written once.
+// The MoE ops run the same kernels grouped (GROUPED, launch_grouped_gemm): every row tile holds
+// the rows of one expert and reads that expert's Q, LoRA factor and bias.
 #include "cuda_common.cuh"
 
 #ifndef FUSED_LORA_SIM
@@ -119,9 +121,11 @@ struct InitSmem {
 // time (up to MAX_SLOT_PASSES slots, each an r-deep pass over only its own rows); rows of further
 // slots fall back to a per-element gather. With rows sorted by slot (row_map), a tile holds one
 // or two slots. Called by all 256 threads (it has barriers); row_pm must be written before.
+// grp: the tile's group (grouped GEMM: Rt and bias of that group), else 0.
 template <class Frag, class Smem>
 __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, const Smem& sm,
-                                          int64_t m0, int64_t n0, int M, int N) {
+                                          int64_t m0, int64_t n0, int M, int N,
+                                          int64_t grp = 0) {
   const int tid = threadIdx.x;
 #pragma unroll
   for (int ri = 0; ri < Frag::RI; ++ri)
@@ -175,7 +179,7 @@ __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, co
           const int64_t m = m0 + mm;
           return m < M ? ia.L[sm.row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
         },
-        [&](int nn, int r) -> float { return load_rt(0, nn, r); });
+        [&](int nn, int r) -> float { return load_rt(grp * ia.srt_s, nn, r); });
   } else {
     if (tid < BM) {
       const int64_t m = m0 + tid;
@@ -225,7 +229,7 @@ __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, co
         if (gather) v += gather_sum(ia, pm, n);
         v *= ia.alpha;
         if (ia.drop.on && !keep(pm * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) v = 0.f;
-        if (ia.bias != nullptr) v += ldf(ia.bias, n * ia.s_bias, ia.bias_dt);
+        if (ia.bias != nullptr) v += ldf(ia.bias, grp * ia.sbias_g + n * ia.s_bias, ia.bias_dt);
         fr.at(ri, cj, e) = v;
       }
   }
@@ -262,6 +266,30 @@ __device__ __forceinline__ void tile_store(const Frag& fr, T* __restrict__ C, in
   }
 }
 
+// Grouped GEMM (InitArgs::tiles): this block's tile as logical rows [m0, m_end) of group grp.
+// False for an idle tile. A tile of group -1 (rows of no group) is written here as zeros and
+// also answers false. Block-uniform; called before any barrier.
+template <typename T>
+__device__ __forceinline__ bool grouped_tile(const InitArgs& ia, int tile, T* __restrict__ C,
+                                             int64_t ldc, int64_t n0, int tn, int N, int64_t& m0,
+                                             int& m_end, int64_t& grp) {
+  m0 = ia.tiles[tile];
+  m_end = ia.tiles[ia.n_tiles + tile];
+  grp = ia.tiles[2 * ia.n_tiles + tile];
+  if (m0 >= m_end) return false;
+  if (grp < 0) {
+    const int64_t cells = (m_end - m0) * tn;
+    for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) {
+      const int64_t n = n0 + i % tn;
+      if (n >= N) continue;
+      T& c = C[ia.row_map[m0 + i / tn] * ldc + n];
+      if constexpr (std::is_same_v<T, float>) c = 0.f; else c = from_f<T>(0.f);
+    }
+    return false;
+  }
+  return true;
+}
+
 // ---- Tensor-core GEMM, mma.sync (sm_80+): C[M, N] = init + P[M, K] Q^T ---------------------------
 // P row-major (unit inner stride). Q_NK: Q is [N, K] (k contiguous: the forward's W0); else Q is
 // [K, N] (n contiguous: W0 itself in dx = dy W0). 128x128x32 block tile, 8 warps of 64x32, each
@@ -276,7 +304,9 @@ __device__ __forceinline__ void tile_store(const Frag& fr, T* __restrict__ C, in
 // Tile edges: with 16-byte loads possible (extent and pitch multiples of 8, aligned base),
 // chunks past M, N or K are zero-filled by cp.async without touching memory; otherwise every
 // chunk goes through scalar loads (a K % 8 != 0 or misaligned operand); stores are masked.
-template <typename T, bool Q_NK>
+// GROUPED (launch_grouped_gemm): the block's rows are its tile of InitArgs::tiles (x-index =
+// tile) and Q, Rt, bias those of the tile's group; never split.
+template <typename T, bool Q_NK, bool GROUPED = false>
 __global__ void __launch_bounds__(256) gemm_tc_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
     int vec_q, T* __restrict__ C, int64_t ldc, int vec_c, int M, int N, int K, InitArgs ia,
@@ -289,10 +319,16 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   int tile_m, tile_n;
   tile_coords(tile_m, tile_n);
-  const int64_t m0 = static_cast<int64_t>(tile_m) * BM;
+  int64_t m0 = static_cast<int64_t>(tile_m) * BM;
   const int64_t n0 = static_cast<int64_t>(tile_n) * BN;
+  int m_end = M;     // logical rows of this tile: [m0, m_end)
+  int64_t grp = 0;
+  if constexpr (GROUPED) {
+    if (!grouped_tile(ia, tile_m, C, ldc, n0, BN, N, m0, m_end, grp)) return;
+    Q += grp * ia.sq_g;
+  }
   auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
-  if (tid < BM) sm.row_pm[tid] = m0 + tid < M ? phys(m0 + tid) : 0;  // read after tile_init's sync
+  if (tid < BM) sm.row_pm[tid] = m0 + tid < m_end ? phys(m0 + tid) : 0;  // read after init's sync
 
   // ---- operand stages ------------------------------------------------------------------------
   // P: 128 rows x 32 k = 512 16-byte chunks, 2 per thread, rows tid/4 and tid/4 + 64: their
@@ -302,7 +338,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
 #pragma unroll
   for (int it = 0; it < 2; ++it) {
     const int64_t gm = m0 + (tid >> 2) + it * 64;
-    prow_ok[it] = gm < M;
+    prow_ok[it] = gm < m_end;
     prow[it] = prow_ok[it] ? P + phys(gm) * ldp : P;
   }
   auto load_stage = [&](int stage, int64_t k0) {
@@ -346,7 +382,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
 
   float acc[4][4][4];
   const MmaFrag fr{acc, warp >> 2, warp & 3, lane >> 2, lane & 3};  // warp tile (wm*64, wn*32)
-  tile_init(fr, ia, sm, m0, n0, M, N);
+  tile_init(fr, ia, sm, m0, n0, m_end, N, grp);
 
   // ---- main loop -----------------------------------------------------------------------------
   // ldmatrix addresses: lane l gives row l%8 of 8x8 matrix l/8. A (16x16 at (r, k)): matrices
@@ -390,7 +426,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
     }
   }
   cp_async_wait<0>();
-  tile_store(fr, C, ldc, vec_c, part, sm.row_pm, m0, n0, M, N);
+  tile_store(fr, C, ldc, vec_c, part, sm.row_pm, m0, n0, m_end, N);
 }
 
 // ---- Tensor-core GEMM, wgmma (sm_90a): the same contract as gemm_tc_kernel -----------------------
@@ -450,7 +486,8 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[TN / 2], uint64_t da, uint
 }
 
 // TN: the tile width, 128 (wgmma m64n128k16) or 256 (m64n256k16; gemm=3, wgmma256).
-template <typename T, bool Q_NK, int TN>
+// GROUPED: as gemm_tc_kernel's.
+template <typename T, bool Q_NK, int TN, bool GROUPED = false>
 __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
     int vec_q, T* __restrict__ C, int64_t ldc, int vec_c, int M, int N, int K, InitArgs ia,
@@ -467,10 +504,16 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   int tile_m, tile_n;
   tile_coords(tile_m, tile_n);
-  const int64_t m0 = static_cast<int64_t>(tile_m) * BM;
+  int64_t m0 = static_cast<int64_t>(tile_m) * BM;
   const int64_t n0 = static_cast<int64_t>(tile_n) * TN;
+  int m_end = M;  // logical rows of this tile: [m0, m_end)
+  int64_t grp = 0;
+  if constexpr (GROUPED) {
+    if (!grouped_tile(ia, tile_m, C, ldc, n0, TN, N, m0, m_end, grp)) return;
+    Q += grp * ia.sq_g;
+  }
   auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
-  if (tid < BM) sm.row_pm[tid] = m0 + tid < M ? phys(m0 + tid) : 0;
+  if (tid < BM) sm.row_pm[tid] = m0 + tid < m_end ? phys(m0 + tid) : 0;
 
   // P: 128 rows x 8 chunks = 1024 chunks, 4 per thread: chunk tid & 7 of rows tid/8 + 32 it.
   const int pc = tid & 7;
@@ -479,7 +522,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
 #pragma unroll
   for (int it = 0; it < 4; ++it) {
     const int64_t gm = m0 + (tid >> 3) + it * 32;
-    prow_ok[it] = gm < M;
+    prow_ok[it] = gm < m_end;
     prow[it] = prow_ok[it] ? P + phys(gm) * ldp : P;
   }
   auto load_stage = [&](int stage, int64_t k0) {
@@ -532,7 +575,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
   const WgFrag<TN> fr{acc, wg, warp & 3, lane >> 2, lane & 3};
   if constexpr (TN == 128) {
     const WgFrag<TN> fi{ini, wg, warp & 3, lane >> 2, lane & 3};
-    tile_init(fi, ia, sm, m0, n0, M, N);
+    tile_init(fi, ia, sm, m0, n0, m_end, N, grp);
   }
 #pragma unroll
   for (int i = 0; i < NA; ++i) acc[i] = 0.f;
@@ -574,11 +617,11 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
     __syncthreads();  // every warpgroup's MMAs have read their last stage
 #pragma unroll
     for (int i = 0; i < NA; ++i) park[i * 256 + tid] = acc[i];
-    tile_init(fr, ia, sm, m0, n0, M, N);  // zeroes acc first; has barriers
+    tile_init(fr, ia, sm, m0, n0, m_end, N, grp);  // zeroes acc first; has barriers
 #pragma unroll
     for (int i = 0; i < NA; ++i) acc[i] += park[i * 256 + tid];
   }
-  tile_store(fr, C, ldc, vec_c, part, sm.row_pm, m0, n0, M, N);
+  tile_store(fr, C, ldc, vec_c, part, sm.row_pm, m0, n0, m_end, N);
 #else
   __trap();  // launched only where fl_has_wgmma() (an sm_90a build on a 9.0 device)
 #endif
@@ -599,16 +642,31 @@ __global__ void __launch_bounds__(256) splitk_finalize_kernel(
 
 // ---- fp32 GEMM (SIMT, IEEE fp32 like the Triton path's "ieee"): C = init + P Q^T --------------
 // Arbitrary strides; Q element (n, k) at n*sq_n + k*sq_k. 64x64x16 tile, 4x4 outputs per
-// thread at stride 16 (conflict-free shared reads).
+// thread at stride 16 (conflict-free shared reads). GROUPED: as gemm_tc_kernel's (64-row tiles,
+// x-index = tile; rows through row_map).
+template <bool GROUPED>
 __global__ void __launch_bounds__(256) gemm_simt_kernel(
     const float* __restrict__ P, int64_t sp_m, int64_t sp_k, const float* __restrict__ Q,
     int64_t sq_n, int64_t sq_k, float* __restrict__ C, int64_t ldc, int M, int N, int K,
     InitArgs ia) {
   __shared__ float Ps[16][64 + 1];
   __shared__ float Qs[16][64 + 1];
+  __shared__ int64_t rows_pm[GROUPED ? 64 : 1];  // physical rows of the tile (GROUPED)
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * 64;
+  int64_t m0 = static_cast<int64_t>(blockIdx.x) * 64;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * 64;
+  int m_end = M;  // logical rows [m0, m_end); physical row pm(m)
+  int64_t grp = 0;
+  if constexpr (GROUPED) {
+    if (!grouped_tile(ia, static_cast<int>(blockIdx.x), C, ldc, n0, 64, N, m0, m_end, grp))
+      return;
+    Q += grp * ia.sq_g;
+    if (tid < 64) rows_pm[tid] = m0 + tid < m_end ? ia.row_map[m0 + tid] : 0;
+    __syncthreads();
+  }
+  auto pm = [&](int64_t m) -> int64_t {
+    if constexpr (GROUPED) return rows_pm[m - m0]; else return m;
+  };
   float acc[4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -618,7 +676,7 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(
     for (int i = tid; i < 64 * 16; i += 256) {
       const int kk = i & 15, rr = i >> 4;
       const int64_t k = k0 + kk, m = m0 + rr, n = n0 + rr;
-      Ps[kk][rr] = (m < M && k < K) ? P[m * sp_m + k * sp_k] : 0.f;
+      Ps[kk][rr] = (m < m_end && k < K) ? P[pm(m) * sp_m + k * sp_k] : 0.f;
       Qs[kk][rr] = (n < N && k < K) ? Q[n * sq_n + k * sq_k] : 0.f;
     }
     __syncthreads();
@@ -638,8 +696,9 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int64_t m = m0 + ty + 16 * i;
-    if (m >= M) continue;
+    const int64_t lm = m0 + ty + 16 * i;
+    if (lm >= m_end) continue;
+    const int64_t m = pm(lm);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + tx + 16 * j;
@@ -650,11 +709,11 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(
       } else {
         for (int r = 0; r < ia.R; ++r)
           l = fmaf(ia.L[m * ia.sl_m + r * ia.sl_r],
-                   ldf(ia.Rt, n * ia.srt_n + r * ia.srt_r, ia.rt_dt), l);
+                   ldf(ia.Rt, grp * ia.srt_s + n * ia.srt_n + r * ia.srt_r, ia.rt_dt), l);
       }
       l *= ia.alpha;
       if (ia.drop.on && !keep(m * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) l = 0.f;
-      if (ia.bias != nullptr) l += ldf(ia.bias, n * ia.s_bias, ia.bias_dt);
+      if (ia.bias != nullptr) l += ldf(ia.bias, grp * ia.sbias_g + n * ia.s_bias, ia.bias_dt);
       C[m * ldc + n] = l + acc[i][j];
     }
   }
@@ -790,7 +849,7 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
     const int64_t sq_k = q_nk ? Q.stride(1) : Q.stride(0);
     dim3 grid(cdiv(M, 64), cdiv(N, 64));
     TORCH_CHECK(grid.y <= 65535, "out_features too large for the fp32 kernel");
-    FL_LAUNCH(gemm_simt_kernel, grid, 256, 0, stream,
+    FL_LAUNCH(gemm_simt_kernel<false>, grid, 256, 0, stream,
         P.data_ptr<float>(), P.stride(0), P.stride(1), Q.data_ptr<float>(), sq_n, sq_k,
         C.data_ptr<float>(), C.stride(0), static_cast<int>(M), static_cast<int>(N),
         static_cast<int>(K), ia);
@@ -843,6 +902,75 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
       FL_LAUNCH(splitk_finalize_kernel<T>, cdiv(M * N, 256), 256, 0, stream,
                 part.data_ptr<float>(), splits, M, N, reinterpret_cast<T*>(C.data_ptr()),
                 C.stride(0));
+  };
+  const bool half = P.scalar_type() == at::kHalf;
+  if (half && q_nk) launch(__half{}, std::true_type{});
+  else if (half) launch(__half{}, std::false_type{});
+  else if (q_nk) launch(__nv_bfloat16{}, std::true_type{});
+  else launch(__nv_bfloat16{}, std::false_type{});
+}
+
+int64_t grouped_gemm_rows(at::ScalarType t) { return t == at::kFloat ? 64 : BM; }
+
+void launch_grouped_gemm(const at::Tensor& P, const at::Tensor& Q, at::Tensor& C,
+                         const InitArgs& ia_in, int64_t gemm, fl_stream_t stream) {
+  const int64_t M = P.size(0), K = P.size(1), N = C.size(1);
+  TORCH_CHECK(Q.dim() == 3 && Q.size(1) == N && Q.size(2) == K,
+              "launch_grouped_gemm: Q must be [G, N=", N, ", K=", K, "], got ", Q.sizes());
+  TORCH_CHECK(ia_in.tiles != nullptr && ia_in.row_map != nullptr,
+              "launch_grouped_gemm: the tile table and row_map must be set");
+  if (ia_in.n_tiles == 0 || N == 0) return;
+  InitArgs ia = ia_in;
+  if (P.scalar_type() == at::kFloat) {
+    ia.sq_g = Q.stride(0);
+    const dim3 grid(static_cast<unsigned>(ia.n_tiles), cdiv(N, 64));
+    TORCH_CHECK(grid.y <= 65535, "out_features too large for the fp32 kernel");
+    FL_LAUNCH(gemm_simt_kernel<true>, grid, 256, 0, stream,
+        P.data_ptr<float>(), P.stride(0), P.stride(1), Q.data_ptr<float>(), Q.stride(1),
+        Q.stride(2), C.data_ptr<float>(), C.stride(0), static_cast<int>(M), static_cast<int>(N),
+        static_cast<int>(K), ia);
+    return;
+  }
+  TORCH_CHECK(gemm == kGemmMma || gemm == kGemmWgmma || gemm == kGemmWgmma256,
+              "launch_grouped_gemm: gemm must be resolved (resolve_gemm), got ", gemm);
+  const at::Tensor Pc = unit_inner(P);
+  // Q's [N, K] face read in place: k-contiguous rows (Q_NK, ldq = n stride) or n-contiguous
+  // rows (Q as [K, N], ldq = k stride: a transposed weight), else a contiguous copy.
+  at::Tensor Qc = Q;
+  bool q_nk = true;
+  if (Q.stride(2) == 1 || K <= 1) {
+    q_nk = true;
+  } else if (Q.stride(1) == 1 || N <= 1) {
+    q_nk = false;
+  } else {
+    Qc = Q.contiguous();
+  }
+  const int64_t ldq = q_nk ? Qc.stride(1) : Qc.stride(2);
+  ia.sq_g = Qc.stride(0);
+  const int vec_p = K % 8 == 0 && Pc.stride(0) % 8 == 0 && aligned16(Pc);
+  const int vec_q = (q_nk ? K : N) % 8 == 0 && ldq % 8 == 0 && ia.sq_g % 8 == 0 &&
+                    aligned16(Qc);
+  const int vec_c = C.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(C.data_ptr()) % 4 == 0;
+  const int tn = gemm == kGemmWgmma256 ? 256 : BN;
+  const dim3 grid(static_cast<unsigned>(ia.n_tiles), cdiv(N, tn), 1);
+  TORCH_CHECK(grid.y <= 65535, "out_features too large for the tensor-core kernel");
+  auto launch = [&](auto tag, auto q_nk_tag) {
+    using T = decltype(tag);
+    constexpr bool kQnk = decltype(q_nk_tag)::value;
+    auto run = [&](auto kern, int smem) {
+      FL_SET_SMEM(kern, smem);
+      FL_LAUNCH(kern, grid, 256, smem, stream, reinterpret_cast<const T*>(Pc.data_ptr()),
+                Pc.stride(0), vec_p, reinterpret_cast<const T*>(Qc.data_ptr()), ldq, vec_q,
+                reinterpret_cast<T*>(C.data_ptr()), C.stride(0), vec_c, static_cast<int>(M),
+                static_cast<int>(N), static_cast<int>(K), ia, static_cast<float*>(nullptr),
+                static_cast<int>(K));
+    };
+    if (gemm == kGemmWgmma256)
+      run(gemm_wgmma_kernel<T, kQnk, 256, true>, wg_smem_bytes<256>());
+    else if (gemm == kGemmWgmma)
+      run(gemm_wgmma_kernel<T, kQnk, 128, true>, wg_smem_bytes<128>());
+    else
+      run(gemm_tc_kernel<T, kQnk, true>, tc_smem_bytes<kQnk>());
   };
   const bool half = P.scalar_type() == at::kHalf;
   if (half && q_nk) launch(__half{}, std::true_type{});

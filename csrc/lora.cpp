@@ -177,6 +177,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cpu(
           needs_dB ? dB.to(lora_B.scalar_type()) : at::empty({0}, lora_B.options())};
 }
 
+// ---- mixture of experts (fused_lora.reference.moe_lora_linear_fwd / _bwd) -----------------------
+// A loop over the experts present (group_rows: ids outside [0, E) belong to none), in the
+// reference's order of operations; rows of no expert keep their zeros.
+
+std::tuple<at::Tensor, at::Tensor> moe_lora_linear_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
+    int64_t seed, const at::Tensor& expert_ids, const std::optional<at::Tensor>& order,
+    const std::optional<at::Tensor>& keys, int64_t gemm) {
+  check_moe(x, weight, bias, lora_A, lora_B, expert_ids, dropout_p);
+  check_routing(x, order, keys);
+  check_gemm(gemm);
+  const auto acc = acc_type(x.scalar_type());
+  const int64_t M = x.size(0), E = weight.size(0), N = weight.size(1), R = lora_A.size(1);
+  const auto d = make_dropout(dropout_p, seed);
+  const auto xf = x.to(acc);
+  const auto xd = dropped(xf, dropout_p, d);
+  auto y = at::zeros({M, N}, x.options().dtype(acc));
+  auto xa = at::zeros({M, R}, x.options().dtype(acc));
+  for (const auto& [e, rows_v] : group_rows(expert_ids, E, order, keys)) {
+    const auto rows = rows_tensor(rows_v);
+    auto ye = at::mm(xf.index_select(0, rows), weight.select(0, e).to(acc).t());
+    if (bias.has_value()) ye = ye + bias->select(0, e).to(acc);
+    const auto xs = at::mm(xd.index_select(0, rows), lora_A.select(0, e).to(acc).t());
+    xa.index_copy_(0, rows, xs);
+    y.index_copy_(0, rows, ye + scale * at::mm(xs, lora_B.select(0, e).to(acc).t()));
+  }
+  return {y.to(x.scalar_type()), xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p, int64_t seed,
+    const at::Tensor& expert_ids, bool needs_dx, bool needs_dA, bool needs_dB,
+    const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& keys,
+    int64_t gemm) {
+  check_moe(x, weight, std::nullopt, lora_A, lora_B, expert_ids, dropout_p);
+  check_moe_bwd(dy, x, weight, lora_A, xa);
+  check_routing(x, order, keys);
+  check_gemm(gemm);
+  const auto acc = acc_type(x.scalar_type());
+  const int64_t E = weight.size(0);
+  const auto d = make_dropout(dropout_p, seed);
+  const auto dyf = dy.to(acc);
+  at::Tensor dxf, dA, dB, keep_m, xd;
+  if (needs_dx) dxf = at::zeros(x.sizes(), x.options().dtype(acc));
+  if (needs_dA) dA = at::zeros(lora_A.sizes(), lora_A.options().dtype(acc));
+  if (needs_dB) dB = at::zeros(lora_B.sizes(), lora_B.options().dtype(acc));
+  if (needs_dx && d.on) keep_m = keep_mask_cpu(x.size(0), x.size(1), d);
+  if (needs_dA) xd = dropped(x.to(acc), dropout_p, d);
+  for (const auto& [e, rows_v] : group_rows(expert_ids, E, order, keys)) {
+    const auto rows = rows_tensor(rows_v);
+    const auto g = dyf.index_select(0, rows);
+    at::Tensor ds;
+    if (needs_dx || needs_dA) ds = scale * at::mm(g, lora_B.select(0, e).to(acc));  // [m, r]
+    if (needs_dx) {
+      auto dxl = at::mm(ds, lora_A.select(0, e).to(acc));
+      if (d.on)
+        dxl = at::where(keep_m.index_select(0, rows), dxl * (1.0 / (1.0 - dropout_p)),
+                        at::zeros({}, dxl.options()));
+      dxf.index_copy_(0, rows, at::mm(g, weight.select(0, e).to(acc)) + dxl);
+    }
+    if (needs_dA) dA.select(0, e).copy_(at::mm(ds.t(), xd.index_select(0, rows)));
+    if (needs_dB)
+      dB.select(0, e).copy_(scale * at::mm(g.t(), xa.index_select(0, rows).to(acc)));
+  }
+  return {needs_dx ? dxf.to(x.scalar_type()) : at::empty({0}, x.options()),
+          needs_dA ? dA.to(lora_A.scalar_type()) : at::empty({0}, lora_A.options()),
+          needs_dB ? dB.to(lora_B.scalar_type()) : at::empty({0}, lora_B.options())};
+}
+
 bool has_cuda() {
 #ifdef FUSED_LORA_WITH_CUDA
   return true;
@@ -202,6 +273,8 @@ TORCH_LIBRARY(fused_lora_C, m) {
   m.def(fused_lora::kBwdSchema);
   m.def(fused_lora::kMultiFwdSchema);
   m.def(fused_lora::kMultiBwdSchema);
+  m.def(fused_lora::kMoeFwdSchema);
+  m.def(fused_lora::kMoeBwdSchema);
   // True when this build has the CUDA kernels (FUSED_LORA_WITH_CUDA); no device needed.
   m.def("has_cuda() -> bool", &fused_lora::has_cuda);
   // What `int gemm=requested` runs on CUDA device `device` (python -m fused_lora info asks it
@@ -218,6 +291,8 @@ TORCH_LIBRARY_IMPL(fused_lora_C, CPU, m) {
   m.impl("lora_linear_bwd", &fused_lora::lora_linear_bwd_cpu);
   m.impl("multi_lora_linear_fwd", &fused_lora::multi_lora_linear_fwd_cpu);
   m.impl("multi_lora_linear_bwd", &fused_lora::multi_lora_linear_bwd_cpu);
+  m.impl("moe_lora_linear_fwd", &fused_lora::moe_lora_linear_fwd_cpu);
+  m.impl("moe_lora_linear_bwd", &fused_lora::moe_lora_linear_bwd_cpu);
 }
 
 // `from fused_lora import _C` loads this library, which runs the registrations above. The module

@@ -292,4 +292,87 @@ inline void check_multi_bwd(const at::Tensor& dy, const at::Tensor& x, const at:
   TORCH_CHECK(xa.device() == x.device(), "xa is on ", xa.device(), " but x is on ", x.device());
 }
 
+
+// ---- mixture of experts (fused_lora.reference.moe_lora_linear_fwd / _bwd) ---------------------
+// y[m] = x[m] W[e]^T + b[e] + scale (drop(x[m]) A[e]^T) B[e]^T, e = expert_ids[m], on x [M, K],
+// weight [E, N, K] (any strides: a transposed view of an [E, K, N] tensor is read in place),
+// bias [E, N], lora_A [E, R, K], lora_B [E, N, R]. `Tensor expert_ids` (int64 [M]) is the
+// routing plan's ids (the Python ops' `plan` unpacked): a row whose id is outside [0, E) belongs
+// to no expert, its y / dx rows are exact zeros and it adds nothing to dA / dB. `order`, `keys`:
+// the routing of expert_ids over E experts, exactly as for the mixed-adapter ops above (trusted).
+constexpr const char* kMoeFwdSchema =
+    "moe_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "float scale, float dropout_p, int seed, Tensor expert_ids, Tensor? order=None, "
+    "Tensor? keys=None, int gemm=0) -> (Tensor, Tensor)";
+constexpr const char* kMoeBwdSchema =
+    "moe_lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "Tensor xa, float scale, float dropout_p, int seed, Tensor expert_ids, bool needs_dx, "
+    "bool needs_dA, bool needs_dB, Tensor? order=None, Tensor? keys=None, int gemm=0) -> "
+    "(Tensor, Tensor, Tensor)";
+
+inline void check_moe(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                      const at::Tensor& lora_B, const at::Tensor& expert_ids, double dropout_p) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [M, in_features], got ", x.dim(), "-D");
+  TORCH_CHECK(is_kernel_float(x.scalar_type()), "x must be fp16, bf16, fp32 or fp64, got ",
+              x.scalar_type());
+  TORCH_CHECK(weight.dim() == 3, "weight must be 3-D [E, out_features, in_features], got ",
+              weight.dim(), "-D");
+  const int64_t M = x.size(0), K = x.size(1), E = weight.size(0), N = weight.size(1);
+  TORCH_CHECK(E >= 1, "weight must hold at least one expert [E, out, in], got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) == K, "weight must be [E, out_features, in_features=", K, "], got ",
+              weight.sizes());
+  TORCH_CHECK(lora_A.dim() == 3 && lora_A.size(0) == E && lora_A.size(2) == K,
+              "lora_A must be [E=", E, ", r, in_features=", K, "], got ", lora_A.sizes());
+  const int64_t R = lora_A.size(1);
+  TORCH_CHECK(R >= 1, "lora_A must have rank r >= 1, got ", lora_A.sizes());
+  TORCH_CHECK(lora_B.dim() == 3 && lora_B.size(0) == E && lora_B.size(1) == N &&
+                  lora_B.size(2) == R,
+              "lora_B must be [E=", E, ", out_features=", N, ", r=", R, "], got ",
+              lora_B.sizes());
+  TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.size(0) == M &&
+                  expert_ids.scalar_type() == at::kLong,
+              "expert_ids must be int64 [M=", M, "], got ", expert_ids.scalar_type(), " ",
+              expert_ids.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype (", weight.scalar_type(),
+              ") must match x dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(lora_B.scalar_type() == lora_A.scalar_type(), "lora_B dtype (",
+              lora_B.scalar_type(), ") must match lora_A dtype (", lora_A.scalar_type(), ")");
+  TORCH_CHECK(lora_A.scalar_type() == x.scalar_type() || lora_A.scalar_type() == at::kFloat,
+              "lora_A dtype (", lora_A.scalar_type(), ") must be x's dtype (", x.scalar_type(),
+              ") or float32");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
+              dropout_p);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N,
+                "bias must be [E=", E, ", out_features=", N, "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype (", bias->scalar_type(),
+                ") must match x dtype (", x.scalar_type(), ")");
+  }
+  const auto dev = x.device();
+  TORCH_CHECK(weight.device() == dev, "weight is on ", weight.device(), " but x is on ", dev);
+  TORCH_CHECK(lora_A.device() == dev, "lora_A is on ", lora_A.device(), " but x is on ", dev);
+  TORCH_CHECK(lora_B.device() == dev, "lora_B is on ", lora_B.device(), " but x is on ", dev);
+  TORCH_CHECK(expert_ids.device() == dev, "expert_ids is on ", expert_ids.device(),
+              " but x is on ", dev);
+  if (bias.has_value())
+    TORCH_CHECK(bias->device() == dev, "bias is on ", bias->device(), " but x is on ", dev);
+}
+
+inline void check_moe_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& lora_A, const at::Tensor& xa) {
+  const int64_t M = x.size(0), N = weight.size(1), R = lora_A.size(1);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "dy must be [M=", M,
+              ", out_features=", N, "], got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "dy dtype (", dy.scalar_type(),
+              ") must match x dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == R, "xa must be [M=", M, ", r=", R,
+              "], got ", xa.sizes());
+  TORCH_CHECK(xa.scalar_type() == acc_type(x.scalar_type()), "xa must be ",
+              acc_type(x.scalar_type()), " (the forward's accumulation dtype), got ",
+              xa.scalar_type());
+  TORCH_CHECK(dy.device() == x.device(), "dy is on ", dy.device(), " but x is on ", x.device());
+  TORCH_CHECK(xa.device() == x.device(), "xa is on ", xa.device(), " but x is on ", x.device());
+}
+
 }  // namespace fused_lora

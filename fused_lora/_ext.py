@@ -224,3 +224,83 @@ def has_cuda_kernels() -> bool:
     if _ERROR is not None:
         return False
     return bool(torch.ops.fused_lora_C.has_cuda())
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture of experts (fused_lora_C::moe_lora_linear_*; appended section: keeps merges clean)
+# --------------------------------------------------------------------------------------------
+
+
+def moe_lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    expert_ids: torch.Tensor,
+    *,
+    order: Optional[torch.Tensor] = None,
+    keys: Optional[torch.Tensor] = None,
+    gemm: int = GEMM_AUTO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_lora_C::moe_lora_linear_fwd; contract of reference.moe_lora_linear_fwd. expert_ids:
+    int64 [M] (a routing plan's ids); order, keys: the plan's routing (csrc/lora.h: trusted,
+    both or neither); gemm: the tensor-core GEMM (GEMM_*; ignored by the CPU kernels)."""
+    y, xa = _ns().moe_lora_linear_fwd(
+        x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed), expert_ids,
+        order, keys, int(gemm),
+    )
+    return y, xa
+
+
+def moe_lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    expert_ids: torch.Tensor,
+    needs_dx: bool,
+    needs_dA: bool,
+    needs_dB: bool,
+    *,
+    order: Optional[torch.Tensor] = None,
+    keys: Optional[torch.Tensor] = None,
+    gemm: int = GEMM_AUTO,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_lora_C::moe_lora_linear_bwd; contract of reference.moe_lora_linear_bwd. order, keys,
+    gemm: as for moe_lora_linear_fwd."""
+    dx, dA, dB = _ns().moe_lora_linear_bwd(
+        dy, x, weight, lora_A, lora_B, xa, float(scale), float(dropout_p), int(seed), expert_ids,
+        bool(needs_dx), bool(needs_dA), bool(needs_dB), order, keys, int(gemm),
+    )
+    return dx, dA, dB
+
+
+def _register_moe_fakes() -> None:
+    from fused_lora.ops import fake_bwd
+    from fused_lora.reference import acc_dtype
+
+    @torch.library.register_fake("fused_lora_C::moe_lora_linear_fwd")
+    def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, expert_ids, order=None, keys=None,
+          gemm=0):
+        M = x.shape[0]
+        return x.new_empty(M, weight.shape[1]), x.new_empty(M, lora_A.shape[1], dtype=acc_dtype(x.dtype))
+
+    @torch.library.register_fake("fused_lora_C::moe_lora_linear_bwd")
+    def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, expert_ids, needs_dx, needs_dA,
+          needs_dB, order=None, keys=None, gemm=0):
+        return fake_bwd(x, lora_A, lora_B, needs_dx, needs_dA, needs_dB)
+
+
+# An extension built before the MoE ops loads without them: has_op("moe_lora_linear") is False
+# and the cuda backend registers no MoE entry.
+if _ERROR is None and hasattr(_ns(), "moe_lora_linear_fwd"):
+    _register_moe_fakes()

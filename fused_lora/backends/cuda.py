@@ -50,3 +50,22 @@ for _name, _g in GEMM_VARIANTS.items():
     register_kernel("multi_lora_linear", _name, fwd=functools.partial(_multi_fwd, gemm=_g),
                     bwd=functools.partial(_multi_bwd, gemm=_g), reason=_why,
                     doc=f"C++/CUDA extension, gemm={_g}")
+
+
+def _moe_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, *, gemm):
+    return _ext.moe_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan.ids,
+                                    order=plan.order, keys=plan.keys, gemm=gemm)
+
+
+def _moe_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB,
+             *, gemm):
+    return _ext.moe_lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan.ids,
+                                    needs_dx, needs_dA, needs_dB, order=plan.order, keys=plan.keys,
+                                    gemm=gemm)
+
+
+if _ext.has_op("moe_lora_linear"):  # appended section (keeps merges clean); absent in an old build
+    for _name, _g in GEMM_VARIANTS.items():
+        register_kernel("moe_lora_linear", _name, fwd=functools.partial(_moe_fwd, gemm=_g),
+                        bwd=functools.partial(_moe_bwd, gemm=_g), reason=functools.partial(_reason, _g),
+                        doc=f"C++/CUDA extension: grouped GEMM over experts, gemm={_g}")

@@ -4,11 +4,12 @@ Development tooling, not part of the fused_lora package (setup.py does not insta
 nothing in fused_lora/ imports it): the tests import it as ``simt_emu`` with tools/ on sys.path
 (tests/conftest.py). It needs a source checkout: it compiles the repository's csrc/.
 
-The CUDA kernels and launchers of csrc/ (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu) are
-compiled as plain host C++ with ``-DFUSED_LORA_SIM``: src/simt_emu.h runs every CUDA thread
-of a block as a fiber, with barriers, warp collectives, cp.async, ldmatrix and mma.sync emulated
-from the PTX ISA, so CPU CI executes every CUDA kernel (tests/test_cuda_sim.py). Only the CUDA
-toolkit's *headers* are needed (cuda_fp16.h, cuda_bf16.h, vector_types.h), no nvcc and no GPU.
+The CUDA kernels and launchers of csrc/ (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu,
+moe_lora_cuda.cu) are compiled as plain host C++ with ``-DFUSED_LORA_SIM``: src/simt_emu.h runs
+every CUDA thread of a block as a fiber, with barriers, warp collectives, cp.async, ldmatrix and
+mma.sync emulated from the PTX ISA, so CPU CI executes every CUDA kernel (tests/test_cuda_sim.py).
+Only the CUDA toolkit's *headers* are needed (cuda_fp16.h, cuda_bf16.h, vector_types.h), no nvcc
+and no GPU.
 
     ops = build_sim()                      # torch.ops.fused_lora_sim
     y, xa = ops.lora_linear_fwd(x, w, b, A, B, scale, p, seed)   # CPU tensors

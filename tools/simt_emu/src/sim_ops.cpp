@@ -1,7 +1,7 @@
 // The CUDA kernels and launchers of csrc/ built for the SIMT emulator (simt_emu.h) as one host
 // translation unit: torch.ops.fused_lora_sim.{lora_linear_fwd, lora_linear_bwd,
-// multi_lora_linear_fwd, multi_lora_linear_bwd} run them on CPU tensors (same arguments as
-// torch.ops.fused_lora_C.*), plus self-test ops that check the emulator itself
+// multi_lora_linear_fwd, multi_lora_linear_bwd, moe_lora_linear_fwd, moe_lora_linear_bwd} run
+// them on CPU tensors (same arguments as torch.ops.fused_lora_C.*), plus self-test ops that check the emulator itself
 // (tests/test_cuda_sim.py). Built by tools/simt_emu (csrc/ on the include path); never part of
 // setup.py's build nor of the installed package.
 #define FUSED_LORA_SIM 1
@@ -12,6 +12,7 @@
 #include "gemm.cu"
 #include "lora_linear_cuda.cu"
 #include "multi_lora_cuda.cu"
+#include "moe_lora_cuda.cu"
 #else
 #include "cuda_common.cuh"
 #endif
@@ -459,6 +460,8 @@ TORCH_LIBRARY(fused_lora_sim, m) {
   m.def(fused_lora::kBwdSchema);
   m.def(fused_lora::kMultiFwdSchema);
   m.def(fused_lora::kMultiBwdSchema);
+  m.def(fused_lora::kMoeFwdSchema);
+  m.def(fused_lora::kMoeBwdSchema);
 #ifndef FL_SIM_NO_KERNELS
   m.def(fused_lora::kGemmChoiceSchema, &fused_lora::gemm_choice);  // the emulator is device 0
 #endif

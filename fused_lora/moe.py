@@ -152,7 +152,8 @@ def moe_lora_linear(
         dropout_p: dropout probability on the LoRA branch's input, in [0, 1) (the same elements
             are dropped by every backend for a given seed).
         training: dropout applies only when True.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton", "cuda" or a variant ("cuda:mma", "cuda:wgmma",
+            "cuda:wgmma256"; see :mod:`fused_lora.backends`).
         validate: with raw ids, check their range (one host sync; skipped under torch.compile).
 
     Returns:

@@ -18,6 +18,11 @@ linear_fwd                     or _mlora_sgmv_shrink_kernel  (multi_lora_cuda.cu
 fused_lora::multi_lora_        shrink kernel (ds) +          multi_lora_linear_bwd_cuda
 linear_bwd                     _mlora_fwd_kernel (dx) +
                                _mlora_bwd_weight_kernel
+fused_lora::moe_lora_          _moe_shrink_kernel +          moe_lora_linear_fwd_cuda
+linear_fwd                     _moe_gemm_kernel              (moe_lora_cuda.cu; grouped GEMM
+fused_lora::moe_lora_          _moe_shrink_kernel (ds) +     in gemm.cu) / _bwd_cuda
+linear_bwd                     _moe_gemm_kernel (dx) +
+                               _moe_bwd_weight_kernel
 =============================  ============================  ================================
 
 References: :mod:`fused_lora.reference` (same names). Backends: :mod:`fused_lora.backends`.

@@ -302,12 +302,14 @@ def _schema_args(schema):
 def test_schemas_match_python_ops(op):
     """The C++ op is the Python custom op minus `impl`, with an int seed and the plan's ids
     (expert_ids) where the Python op takes the packed plan, plus the C++-only trailing routing
-    and GEMM arguments (with defaults), as for the mixed-adapter ops."""
+    and GEMM arguments (with defaults), as for the mixed-adapter ops. The Python op's trailing
+    slot_scales / topk stay in Python (backends/cuda.py: top-k rows gathered before the call,
+    adapter banks refused by name)."""
     py = getattr(torch.ops.fused_lora, op).default._schema
     cpp = getattr(C, op).default._schema
     expected = []
     for name, typ in _schema_args(py):
-        if name == "impl":
+        if name in ("impl", "slot_scales", "topk"):
             continue
         if name == "plan":
             expected.append(("expert_ids", "Tensor"))
@@ -436,3 +438,30 @@ def test_gpu_functional_backend_cuda():
         outs[backend] = (y, xs.grad, As.grad, Bs.grad)
     for a, r, name in zip(outs["cuda"], outs["torch"], ("y", "dx", "dA", "dB")):
         torch.testing.assert_close(a.float(), r.float(), atol=0.1, rtol=2e-2, msg=name)
+
+
+def test_cuda_backend_topk_and_banks():
+    # top-k > 1 through backend "cuda" (C++ CPU ops here): x gathered per choice in Python, dx
+    # summed back per token; equals the reference. Adapter banks are refused by name.
+    import fused_lora
+
+    torch.manual_seed(0)
+    T, K, N, E, R, k = 7, 24, 20, 4, 4, 2
+    x = torch.randn(T, K, dtype=torch.float32)
+    w = torch.randn(E, N, K, dtype=torch.float32) / K**0.5
+    A = torch.randn(E, R, K, dtype=torch.float32) / K**0.5
+    B = torch.randn(E, N, R, dtype=torch.float32)
+    ids = torch.randint(0, E, (T, k))
+    outs = []
+    for be in ("cuda", "torch"):
+        xg = x.clone().requires_grad_()
+        Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
+        y = fused_lora.moe_lora_linear(xg, w, Ag, Bg, 0.5, ids, backend=be)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xg.grad, Ag.grad, Bg.grad))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    banks_A, banks_B = A[None].repeat(2, 1, 1, 1), B[None].repeat(2, 1, 1, 1)
+    with pytest.raises(NotImplementedError, match="banks"):
+        fused_lora.moe_lora_linear(x, w, banks_A, banks_B, 0.5, ids,
+                                   adapter_ids=torch.zeros(T, dtype=torch.long), backend="cuda")

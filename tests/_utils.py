@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: devices, the self-calibrating tolerance, random inputs."""
+"""Helpers shared by the tests: devices, the self-calibrating tolerance, the one input builder
+of the op tests (lora_inputs, multi_inputs)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ def assert_close_2x(out: torch.Tensor, ref64: torch.Tensor, out_pt: torch.Tensor
     )
 
 
+# Fixed tolerance (atol = rtol) of a kernel that does the reference's arithmetic (the C++ CPU
+# kernels: fp32 accumulation, one rounding) against the reference run in the same dtype.
+CLOSE_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, name: str = "out") -> None:
+    """out equals ref (same dtype and shape) within CLOSE_TOL."""
+    tol = CLOSE_TOL[out.dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape, name
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol, msg=name)
+
+
 def _f64(t):
     return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
@@ -60,34 +73,127 @@ def check_op_vs_reference(got, ref_fn, args, names, scaled_atol: bool = False,
             f"{name}: max err {err:.3e} > {factor} x torch err {pt_err:.3e} + {atol:.1e}")
 
 
-def lora_args(dtype, M, K, N, R, adapter_dtype=None, bias=True):
-    """Random single-adapter inputs (x, weight, bias, lora_A, lora_B) on the CPU."""
-    ad = adapter_dtype or dtype
-    x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K**0.5).to(dtype)
-    b = torch.randn(N).to(dtype) if bias else None
-    a = (torch.randn(R, K) / K**0.5).to(ad)
-    bb = torch.randn(N, R).to(ad)
-    return x, w, b, a, bb
+# ----------------------------------------------------------------------------- inputs
+# The one input builder of the op tests: every op test draws its tensors here (on the CPU, from
+# torch's global generator, which tests/conftest.py seeds per test, or from `generator`), then
+# moves them to `device`, so a CPU and a GPU run of a case see the same values.
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "padded", "padded8", "window", "window_b", "misaligned")
 
 
-def multi_lora_args(dtype, M, K, N, S, R, adapter_dtype=None, bias=True, ranks=True, absent=()):
-    """Random mixed-adapter inputs (x, weight, bias, lora_A, lora_B, scales, ids, ranks) on the
-    CPU: ids of every kind, ranks below R with NaN in the dead columns (when ranks)."""
+def relayout(t: torch.Tensor, layout: str = "contiguous") -> torch.Tensor:
+    """The values of the 2-D tensor t in another memory layout: "contiguous" (t itself);
+    "transposed" (column-major: inner stride != 1); "sliced" (every other column of a matrix
+    twice as wide: stride 2 along the last dim); "padded" / "padded8" (unit inner stride, row
+    pitch cols + 1 / cols + 8: rows not / still 16-byte aligned); "window" / "window_b" (row
+    pitch cols + 5 / cols + 3, base 3 / 1 elements in: no 16-byte loads); "misaligned"
+    (contiguous strides, base pointer one element off)."""
+    if layout == "contiguous":
+        return t
+    if layout == "misaligned":
+        flat = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "sliced":
+        big = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+        big[:, ::2] = t
+        return big[:, ::2]
+    pad, off = {"padded": (1, 0), "padded8": (8, 0), "window": (5, 3), "window_b": (3, 1)}[layout]
+    big = torch.zeros(t.shape[0], t.shape[1] + pad, dtype=t.dtype, device=t.device)
+    view = big[:, off: off + t.shape[1]]
+    view.copy_(t)
+    return view
+
+
+def _randn(*shape, generator=None):
+    return torch.randn(*shape, generator=generator)
+
+
+def lora_inputs(M, K, N, R, dtype=torch.float32, adapter_dtype=None, device="cpu", *, bias=True,
+                lead=None, layout="contiguous", generator=None):
+    """Single-adapter inputs (x, weight, bias, lora_A, lora_B): x [*lead or M, K] (layout: see
+    relayout, 2-D x only), weight [N, K], bias [N] or None, lora_A [R, K] and lora_B [N, R] in
+    adapter_dtype (default: dtype)."""
     ad = adapter_dtype or dtype
-    x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K**0.5).to(dtype)
-    b = torch.randn(N).to(dtype) if bias else None
-    a = (torch.randn(S, R, K) / K**0.5).to(ad)
-    bb = torch.randn(S, N, R).to(ad)
-    scales = torch.rand(S) + 0.5
-    # every kind of id: -1, the slots (but `absent`), out of range both ways (act as -1)
-    pool = torch.tensor([-1, S, S + 5, -7] + [s for s in range(S) if s not in absent])
-    ids = pool[torch.randint(0, len(pool), (M,))]
-    rk = None
-    if ranks:
-        rk = torch.tensor([R, 0, max(1, R // 3)] + [(R - s) % (R + 1) or R for s in range(3, S)])[:S]
+    g = generator
+    x = _randn(*(lead or (M,)), K, generator=g).to(dtype)
+    w = (_randn(N, K, generator=g) / max(K, 1) ** 0.5).to(dtype)
+    b = _randn(N, generator=g).to(dtype)  # drawn either way: x, W, A, B do not depend on `bias`
+    a = (_randn(R, K, generator=g) / max(K, 1) ** 0.5).to(ad)
+    bb = _randn(N, R, generator=g).to(ad)
+    b = b if bias else None
+    x, w, b, a, bb = (t.to(device) if t is not None else None for t in (x, w, b, a, bb))
+    return relayout(x, layout) if layout != "contiguous" else x, w, b, a, bb
+
+
+# Adapter-id patterns of a mixed-adapter batch (multi_inputs' `ids`).
+ID_PATTERNS = ("mixed", "distinct", "uniform", "zipf", "identical", "skewed", "one", "none")
+
+
+def adapter_ids(pattern, M, S, none_frac=0.0, absent=(), generator=None):
+    """int64 ids [M] over S slots: "mixed" (every kind: -1, the slots but `absent`, out of range
+    both ways, which act as -1), "distinct" (S >= M), "uniform", "zipf", "identical" (all S - 1),
+    "skewed" (one token on slot 0, the rest on slot 1), "one" (all S - 1), "none" (all -1); then
+    a fraction none_frac of the rows set to -1."""
+    g = generator
+    if pattern == "mixed":
+        pool = torch.tensor([-1, S, S + 5, -7] + [s for s in range(S) if s not in absent])
+        ids = pool[torch.randint(0, len(pool), (M,), generator=g)]
+    elif pattern == "distinct":
+        assert S >= M
+        ids = torch.randperm(S, generator=g)[:M]
+    elif pattern == "uniform":
+        ids = torch.randint(0, S, (M,), generator=g)
+    elif pattern == "zipf":
+        p = 1.0 / torch.arange(1, S + 1, dtype=torch.float64) ** 1.2
+        ids = torch.multinomial(p, M, replacement=True, generator=g)
+    elif pattern in ("identical", "one"):
+        ids = torch.full((M,), S - 1, dtype=torch.int64)
+    elif pattern == "skewed":  # one token on one adapter, M - 1 on another
+        ids = torch.full((M,), 1, dtype=torch.int64)
+        ids[M // 2] = 0
+    elif pattern == "none":
+        ids = torch.full((M,), -1, dtype=torch.int64)
+    else:
+        raise ValueError(pattern)
+    if none_frac:
+        ids[torch.randperm(M, generator=g)[: int(M * none_frac)]] = -1
+    return ids.to(torch.int64)
+
+
+def mixed_ranks(S, R):
+    """int64 [S] ranks below r_max = R, with a rank-0 slot (loaded, then emptied)."""
+    return torch.tensor([R, 0, max(1, R // 3)] + [(R - s) % (R + 1) or R for s in range(3, S)])[:S]
+
+
+def multi_inputs(M, K, N, S, R, dtype=torch.float32, adapter_dtype=None, device="cpu", *, bias=True,
+                 ranks="mixed", ids="mixed", none_frac=0.0, absent=(), lead=None, layout="contiguous",
+                 generator=None):
+    """Mixed-adapter inputs (x, weight, bias, lora_A [S, R, K], lora_B [S, N, R], scales [S],
+    ids, ranks): ids of x's leading shape (a pattern of adapter_ids, or a tensor); ranks "mixed"
+    (mixed_ranks), None (every slot has R) or a tensor. Columns past a slot's rank hold NaN, so
+    a kernel that reads them fails."""
+    ad = adapter_dtype or dtype
+    g = generator
+    x = _randn(*(lead or (M,)), K, generator=g).to(dtype)
+    M = x.numel() // K if K else M
+    w = (_randn(N, K, generator=g) / max(K, 1) ** 0.5).to(dtype)
+    b = _randn(N, generator=g).to(dtype) if bias else None
+    a = (_randn(S, R, K, generator=g) / max(K, 1) ** 0.5).to(ad)
+    bb = _randn(S, N, R, generator=g).to(ad)
+    scales = torch.rand(S, generator=g) + 0.5
+    if isinstance(ids, str):
+        ids = adapter_ids(ids, M, S, none_frac, absent, g)
+    ids = ids.reshape(x.shape[:-1])
+    rk = mixed_ranks(S, R) if isinstance(ranks, str) and ranks == "mixed" else ranks
+    if rk is not None:
         for i in range(S):  # dead columns hold NaN: a kernel that reads them fails
             a[i, int(rk[i]):] = float("nan")
             bb[i, :, int(rk[i]):] = float("nan")
-    return x, w, b, a, bb, scales, ids, rk
+    out = [t.to(device) if t is not None else None for t in (x, w, b, a, bb, scales, ids, rk)]
+    if layout != "contiguous":
+        out[0] = relayout(out[0], layout)
+    return tuple(out)

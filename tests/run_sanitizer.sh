@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# compute-sanitizer over the CUDA extension's GPU tests (issue 4): memcheck for out-of-bounds /
+# compute-sanitizer over the CUDA extension's GPU tests (issue 4: tests/test_cuda_ext.py and the
+# cuda* backends of tests/ops/test_<op>.py): memcheck for out-of-bounds /
 # misaligned accesses; with SANITIZE_FULL=1 also racecheck and initcheck on a short subset
 # (they are ~10-100x slower). Run from the repository root on a GPU machine after building the extension:
 #
@@ -28,17 +29,21 @@ run() {
   [ "$uncached" = 1 ] && envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   echo "== compute-sanitizer --tool $tool $*"
   env "${envs[@]}" "$SAN" --tool "$tool" --error-exitcode 1 --log-file "$LOG_DIR/$log" \
-    python -m pytest tests/test_cuda_ext.py -m gpu -q -p no:cacheprovider "$@"
+    python -m pytest tests/test_cuda_ext.py tests/ops -m gpu -q -p no:cacheprovider "$@"
   grep -h "ERROR SUMMARY" "$LOG_DIR/$log" || true
 }
+# EXT: the extension's tests, not the Triton backend's GPU tests in tests/ops (their ids start
+# "[triton"; the CUDA backends' ids "[cuda-", "[cuda_mma-", ...).
+EXT='(test_cuda_ext or [cuda)'
 # The training-sized GEMM case (2048x4096x4096) is left to the plain GPU run: under memcheck its
 # fp64 reference and kernels take minutes; the other GEMM shapes cover the same code paths.
-run 1 memcheck memcheck.log -k "not graph and not 2048x4096x4096" "$@"
-run 0 memcheck memcheck-graphs.log -k "graph" "$@"
+run 1 memcheck memcheck.log -k "$EXT and not graph and not 2048x4096x4096" "$@"
+run 0 memcheck memcheck-graphs.log -k "$EXT and graph" "$@"
 if [ "${SANITIZE_FULL:-0}" = 1 ]; then  # ~10-100x slower than memcheck: opt-in on a short lease
-  run 1 racecheck racecheck.log -k "fwd_bwd_vs_reference and 130x264x200x16" "$@"
-  run 1 initcheck initcheck.log -k "fwd_bwd_vs_reference and 130x264x200x16 and float16" "$@"
+  run 1 racecheck racecheck.log -k "test_raw_fwd_bwd and [cuda- and 130x264x200x16" "$@"
+  run 1 initcheck initcheck.log -k "test_raw_fwd_bwd and [cuda- and 130x264x200x16 and float16" "$@"
   # both tensor-core GEMMs where their pipelines reuse every stage slot (11 k-stages)
-  run 1 racecheck racecheck-gemms.log -k "both_gemms and 257x700x256x16 and float16" "$@"
+  run 1 racecheck racecheck-gemms.log \
+    -k "(test_raw_gemm_variants or test_raw_multi_fwd_bwd) and [cuda_ and 257x700x256 and f" "$@"
 fi
 echo "sanitizer logs in $LOG_DIR/"

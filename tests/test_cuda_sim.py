@@ -3,21 +3,19 @@
 The same kernel and launcher sources that nvcc builds into fused_lora._C are compiled as host
 C++ (-DFUSED_LORA_SIM): every CUDA thread is a fiber, with __syncthreads, warp collectives,
 cp.async, ldmatrix and mma.sync emulated from the PTX ISA, shared memory poisoned (0xFF = NaN)
-at every block start. Two parts:
+at every block start. Here the emulator itself: warp collectives, mma/ldmatrix fragment
+layouts (exact on integer data), cp.async commit-group semantics, shared-memory poison, and the
+kernel bugs it must report as a RuntimeError (divergent collectives, deadlocks, misaligned or
+non-shared cp.async/ldmatrix, launch limits).
 
-* the emulator itself: warp collectives, mma/ldmatrix fragment layouts (exact on integer data),
-  cp.async commit-group semantics, shared-memory poison, and the kernel bugs it must report as
-  a RuntimeError (divergent collectives, deadlocks, misaligned or non-shared cp.async/ldmatrix,
-  launch limits);
-* torch.ops.fused_lora_sim.{lora_linear_fwd, lora_linear_bwd, multi_lora_linear_fwd,
-  multi_lora_linear_bwd} (the arguments of torch.ops.fused_lora_C.*) against fused_lora.reference:
-  fp32 / fp16 / bf16, tile edges (GEMV M <= 8, ragged 128x128 tiles, K odd or not a multiple of
-  8, R = 1..33), bias, dropout (bit-exact mask), fp32 adapters, strided views, every needs_*
-  combination, mixed adapters with -1 / out-of-range ids, ranks below r_max with NaN past them,
-  slots absent from the batch, decode and prefill paths. Tolerance: the 2x rule of
-  tests/test_lora_linear.py (max error vs fp64 at most 2x PyTorch's own in the same dtype).
+The CUDA ops under it, torch.ops.fused_lora_sim.{lora_linear_fwd, lora_linear_bwd,
+multi_lora_linear_fwd, multi_lora_linear_bwd} (the arguments of torch.ops.fused_lora_C.*), are
+the `sim*` backends of the per-op tests, tests/ops/test_<op>.py: fp32 / fp16 / bf16, tile edges,
+bias, dropout (bit-exact mask), fp32 adapters, strided views, every needs_* combination, mixed
+adapters, reversed thread order (sim_rev), the Hopper wgmma GEMM (sim_wgmma*), seeded random
+cases.
 
-Plus, in subprocesses with gcc's libasan preloaded, a subset of the above under the
+Plus, in subprocesses with gcc's libasan preloaded, a subset of both under the
 AddressSanitizer build of the emulator (FUSED_LORA_SIM_ASAN=1): an out-of-bounds global access in
 a kernel is reported there (plain builds read garbage silently).
 
@@ -33,19 +31,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _utils import check_op_vs_reference
-from _utils import lora_args as _args
-from _utils import multi_lora_args as _multi_args
 from simt_emu import asan_runtime, build_sim, sim_unavailable_reason
-
-from fused_lora import reference
 
 _REASON = sim_unavailable_reason()
 if _REASON is not None:
     pytest.skip(f"SIMT emulator unavailable: {_REASON}", allow_module_level=True)
 
-SEED = (12345 << 31) | 678  # both 31-bit hash keys nonzero
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(scope="module")
@@ -212,293 +203,11 @@ def test_mini_gemm_bugs_raise(sim, bug, match):
         sim.selftest_gemm(a, a, 0 if bug == 5 else 4, bug)
 
 
-# --------------------------------------------------------------------------------------------
-# Single adapter: lora_linear_fwd / _bwd
-# --------------------------------------------------------------------------------------------
-
-# (M, K, N, R): the GEMV path (M <= 8) with K odd / K % 8 == 0, tensor-core 128x128x32 tiles
-# with ragged edges (M, N = 129, 257, 300), K odd or not a multiple of 8 (scalar loads), K % 8
-# == 0 (cp.async), R = 1, 16, 17, 33 (rank chunks of 16), SIMT 64x64x16 tiles for fp32.
-SHAPES = [
-    (1, 1, 1, 1),
-    (5, 67, 33, 17),
-    (8, 64, 40, 16),
-    (129, 67, 129, 1),
-    (257, 72, 136, 33),
-    (300, 40, 257, 16),
-]
-
-
-def _check(got, ref_fn, args, names):
-    check_op_vs_reference(got, ref_fn, args, names)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias,dropout", [(True, 0.0), (False, 0.3), (True, 0.3)])
-def test_fwd(sim, shape, dtype, bias, dropout):
-    M, K, N, R = shape
-    x, w, b, a, bb = _args(dtype, M, K, N, R, bias=bias)
-    got = sim.lora_linear_fwd(x, w, b, a, bb, 0.7, dropout, SEED)
-    _check(got, reference.lora_linear_fwd, (x, w, b, a, bb, 0.7, dropout, SEED), ("y", "xa"))
-
-
-NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
-         (False, True, True), (False, False, False)]
-
-
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_bwd(sim, shape, dtype, dropout):
-    M, K, N, R = shape
-    x, w, _, a, bb = _args(dtype, M, K, N, R)
-    _, xa = reference.lora_linear_fwd(x, w, None, a, bb, 0.6, dropout, SEED)
-    dy = torch.randn(M, N).to(dtype)
-    args = (dy, x, w, a, bb, xa, 0.6, dropout, SEED, True, True, True)
-    _check(sim.lora_linear_bwd(*args), reference.lora_linear_bwd, args, ("dx", "dA", "dB"))
-
-
-@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "".join("1" if e else "0" for e in n))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bwd_needs(sim, needs, dtype):
-    M, K, N, R = 129, 67, 129, 17
-    x, w, _, a, bb = _args(dtype, M, K, N, R)
-    _, xa = reference.lora_linear_fwd(x, w, None, a, bb, 0.6, 0.25, SEED)
-    dy = torch.randn(M, N).to(dtype)
-    args = (dy, x, w, a, bb, xa, 0.6, 0.25, SEED, *needs)
-    _check(sim.lora_linear_bwd(*args), reference.lora_linear_bwd, args, ("dx", "dA", "dB"))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("M", [6, 129])
-def test_fp32_adapters(sim, dtype, M):
-    x, w, b, a, bb = _args(dtype, M, 72, 40, 17, adapter_dtype=torch.float32)
-    fargs = (x, w, b, a, bb, 0.5, 0.1, 9)
-    y, xa = sim.lora_linear_fwd(*fargs)
-    _check((y, xa), reference.lora_linear_fwd, fargs, ("y", "xa"))
-    dy = torch.randn_like(y)
-    _, xa_ref = reference.lora_linear_fwd(*fargs)
-    bargs = (dy, x, w, a, bb, xa_ref, 0.5, 0.1, 9, True, True, True)
-    got = sim.lora_linear_bwd(*bargs)
-    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
-    _check(got, reference.lora_linear_bwd, bargs, ("dx", "dA", "dB"))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M", [7, 200])
-def test_strided_views(sim, dtype, M):
-    # x: a transposed view (non-unit inner stride); weight: a column window of a wider matrix
-    # (unit inner stride, row pitch K + 5, base 3 elements in: 16-byte loads must be off);
-    # lora_B: a transposed view.
-    K, N, R = 64, 136, 16
-    x = torch.randn(K, M).to(dtype).t()
-    w = (torch.randn(N, K + 5) / K**0.5).to(dtype)[:, 3: 3 + K]
-    b = torch.randn(N).to(dtype)
-    a = (torch.randn(R, K) / K**0.5).to(dtype)
-    bb = torch.randn(R, N).to(dtype).t()
-    fargs = (x, w, b, a, bb, 0.8, 0.2, SEED)
-    y, xa = sim.lora_linear_fwd(*fargs)
-    _check((y, xa), reference.lora_linear_fwd, fargs, ("y", "xa"))
-    dy = torch.randn(N, M).to(dtype).t()
-    bargs = (dy, x, w, a, bb, xa, 0.8, 0.2, SEED, True, True, True)
-    _check(sim.lora_linear_bwd(*bargs), reference.lora_linear_bwd, bargs, ("dx", "dA", "dB"))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("seed", [0, SEED, (1 << 62) - 1])
-def test_dropout_mask_bit_exact(sim, dtype, seed):
-    # With A = I (r = K) and x = 1, xa = keep / (1 - p): its support is the keep mask.
-    M, K, p = 29, 37, 0.4
-    x = torch.ones(M, K).to(dtype)
-    eye = torch.eye(K).to(dtype)
-    _, xa = sim.lora_linear_fwd(x, torch.zeros(3, K).to(dtype), None, eye, torch.zeros(3, K).to(dtype),
-                                1.0, p, seed)
-    keep = reference.dropout_keep_mask(seed, M, K, p)
-    assert torch.equal(xa != 0, keep)
-    torch.testing.assert_close(xa[keep], torch.full_like(xa[keep], 1.0 / (1.0 - p)))
-
-
-@pytest.mark.parametrize("M,K,N", [(0, 5, 4), (3, 0, 4), (3, 5, 0)])
-def test_degenerate_sizes(sim, M, K, N):
-    x, w, b, a, bb = _args(torch.float16, M, K, N, 2)
-    fargs = (x, w, b, a, bb, 0.5, 0.0, 0)
-    y, xa = sim.lora_linear_fwd(*fargs)
-    _check((y, xa), reference.lora_linear_fwd, fargs, ("y", "xa"))
-    dy = torch.randn(M, N).half()
-    bargs = (dy, x, w, a, bb, xa, 0.5, 0.0, 0, True, True, True)
-    _check(sim.lora_linear_bwd(*bargs), reference.lora_linear_bwd, bargs, ("dx", "dA", "dB"))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("K", [1031, 2056, 3080])
-def test_gemv_unrolled_k_loop(sim, dtype, K):
-    """The decode GEMV (M <= 8) reads W in groups of 4 chunks (1024 k per lane group): K = 1031
-    is one group + a 7-element tail, 2056 one group + 4 single chunks, 3080 three groups +
-    a chunk (x and W contiguous: 16-byte loads for fp16/bf16; fp32 scalar)."""
-    for M in (1, 8):
-        x, w, b, a, bb = _args(dtype, M, K, 40, 16)
-        args = (x, w, b, a, bb, 0.7, 0.2, SEED)
-        _check(sim.lora_linear_fwd(*args), reference.lora_linear_fwd, args, ("y", "xa"))
-    margs = _multi_args(dtype, 6, K, 40, 3, 16)
-    _check(sim.multi_lora_linear_fwd(*margs), reference.multi_lora_linear_fwd, margs, ("y", "xa"))
-
-
-def test_reverse_schedule_single(sim, reverse_schedule):
-    # Every thread of a block first runs in the reverse order: a missing __syncthreads() between
-    # a write and another thread's read shows up in one of the two orders.
-    for dtype in (torch.float16, torch.float32):
-        x, w, b, a, bb = _args(dtype, 257, 72, 136, 33)
-        fargs = (x, w, b, a, bb, 0.7, 0.3, SEED)
-        y, xa = sim.lora_linear_fwd(*fargs)
-        _check((y, xa), reference.lora_linear_fwd, fargs, ("y", "xa"))
-        dy = torch.randn(257, 136).to(dtype)
-        bargs = (dy, x, w, a, bb, xa, 0.7, 0.3, SEED, True, True, True)
-        _check(sim.lora_linear_bwd(*bargs), reference.lora_linear_bwd, bargs, ("dx", "dA", "dB"))
-
-
-# --------------------------------------------------------------------------------------------
-# Mixed adapters: multi_lora_linear_fwd / _bwd
-# --------------------------------------------------------------------------------------------
-
-
-# (M, K, N, S, R): decode (GEMV M <= 8; one tile with up to S slots: more than the GEMM's 4 slot
-# passes -> the gather fallback), prefill (rows sorted by slot through row_map), R = 1 / 17 / 33.
-MULTI_SHAPES = [
-    (6, 67, 33, 4, 17),
-    (40, 64, 136, 12, 16),
-    (129, 67, 129, 5, 1),
-    (300, 72, 257, 6, 33),
-]
-
-
-@pytest.mark.parametrize("shape", MULTI_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype,adapter_dtype", [
-    (torch.float32, None), (torch.float16, None), (torch.bfloat16, None),
-    (torch.bfloat16, torch.float32),
-], ids=["f32", "f16", "bf16", "bf16-f32adapters"])
-@pytest.mark.parametrize("ranks", [True, False], ids=["ranks", "noranks"])
-def test_multi_fwd_bwd(sim, shape, dtype, adapter_dtype, ranks):
-    M, K, N, S, R = shape
-    absent = (S - 1,)  # a slot no row uses: exact zero gradients
-    args = _multi_args(dtype, M, K, N, S, R, adapter_dtype=adapter_dtype, ranks=ranks,
-                       bias=M % 2 == 0, absent=absent)
-    x, w, b, a, bb, scales, ids, rk = args
-    y, xa = sim.multi_lora_linear_fwd(*args)
-    _check((y, xa), reference.multi_lora_linear_fwd, args, ("y", "xa"))
-    # Rows without an adapter (id -1 or out of range) get exactly the base output.
-    none = (ids < 0) | (ids >= S)
-    y0, xa0 = sim.multi_lora_linear_fwd(x, w, b, a, bb, scales, torch.full_like(ids, -1), rk)
-    assert torch.equal(y[none], y0[none])
-    assert torch.equal(xa[none], torch.zeros_like(xa[none]))
-    dy = torch.randn(M, N).to(dtype)
-    bargs = (dy, x, w, a, bb, scales, ids, rk, xa, True, True, True)
-    got = sim.multi_lora_linear_bwd(*bargs)
-    _check(got, reference.multi_lora_linear_bwd, bargs, ("dx", "dA", "dB"))
-    _, dA, dB = got
-    for s in absent:
-        assert torch.equal(dA[s], torch.zeros_like(dA[s])) and torch.equal(dB[s], torch.zeros_like(dB[s]))
-    if rk is not None:
-        for s in range(S):
-            assert not torch.isnan(dA[s]).any() and not torch.isnan(dB[s]).any()
-            assert torch.equal(dA[s, int(rk[s]):], torch.zeros_like(dA[s, int(rk[s]):]))
-
-
-@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "".join("1" if e else "0" for e in n))
-@pytest.mark.parametrize("M", [6, 129])
-def test_multi_bwd_needs(sim, needs, M):
-    args = _multi_args(torch.float16, M, 37, 29, 3, 17, adapter_dtype=torch.float32)
-    x, w, b, a, bb, scales, ids, rk = args
-    _, xa = reference.multi_lora_linear_fwd(*args)
-    dy = torch.randn(M, 29).half()
-    bargs = (dy, x, w, a, bb, scales, ids, rk, xa, *needs)
-    _check(sim.multi_lora_linear_bwd(*bargs), reference.multi_lora_linear_bwd, bargs, ("dx", "dA", "dB"))
-
-
-def test_multi_sorted_and_single_slot(sim):
-    # Prefill with all rows of one slot, and rows already sorted by slot.
-    for ids_fn in (lambda M, S: torch.full((M,), 2), lambda M, S: torch.arange(M) * S // M):
-        args = list(_multi_args(torch.float16, 257, 64, 130, 4, 16))
-        args[6] = ids_fn(257, 4)
-        y, xa = sim.multi_lora_linear_fwd(*args)
-        _check((y, xa), reference.multi_lora_linear_fwd, args, ("y", "xa"))
-        x, w, b, a, bb, scales, ids, rk = args
-        dy = torch.randn(257, 130).half()
-        bargs = (dy, x, w, a, bb, scales, ids, rk, xa, True, True, True)
-        _check(sim.multi_lora_linear_bwd(*bargs), reference.multi_lora_linear_bwd, bargs,
-               ("dx", "dA", "dB"))
-
-
-# Split-K of the tensor-core GEMM (tiles < SMs; the emulator reports 4 SMs): (M, K, N) where
-# the forward GEMM (reduction K) or the dx GEMM (reduction N) runs 2-4 splits of a k-range that
-# is a multiple of 32, the last one ragged (K = 517: odd, scalar loads; 520: cp.async).
-SPLIT_K_SHAPES = [(20, 520, 40), (70, 517, 40), (20, 40, 520), (9, 300, 300)]
-
-
-@pytest.mark.parametrize("shape", SPLIT_K_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_split_k_gemm(sim, shape, dtype):
-    M, K, N = shape
-    x, w, b, a, bb = _args(dtype, M, K, N, 16)
-    fwd_args = (x, w, b, a, bb, 0.7, 0.2, SEED)
-    y, xa = sim.lora_linear_fwd(*fwd_args)
-    _check((y, xa), reference.lora_linear_fwd, fwd_args, ("y", "xa"))
-    dy = torch.randn(M, N).to(dtype)
-    bargs = (dy, x, w, a, bb, xa, 0.7, 0.2, SEED, True, True, True)
-    _check(sim.lora_linear_bwd(*bargs), reference.lora_linear_bwd, bargs, ("dx", "dA", "dB"))
-    # Mixed adapters (M >= 65: rows sorted by slot, partials at the physical rows).
-    margs = _multi_args(dtype, M, K, N, 5, 16)
-    my, mxa = sim.multi_lora_linear_fwd(*margs)
-    _check((my, mxa), reference.multi_lora_linear_fwd, margs, ("y", "xa"))
-    xm, wm, _, am, bm, sc, ids, rk = margs
-    mb = (dy, xm, wm, am, bm, sc, ids, rk, mxa, True, True, True)
-    _check(sim.multi_lora_linear_bwd(*mb), reference.multi_lora_linear_bwd, mb, ("dx", "dA", "dB"))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_grouped_tile_order(sim, dtype):
-    """9 row tiles x 2 column tiles: the GEMM's grouped order (8 row tiles per column sweep)
-    has a full group and a one-tile remainder; every tile must be computed exactly once."""
-    M, K, N = 1100, 24, 136
-    x, w, b, a, bb = _args(dtype, M, K, N, 4)
-    args = (x, w, b, a, bb, 0.5, 0.0, SEED)
-    _check(sim.lora_linear_fwd(*args), reference.lora_linear_fwd, args, ("y", "xa"))
-
-
-def test_multi_no_slots_and_degenerate(sim):
-    for M, K, N, S in [(5, 8, 16, 0), (0, 8, 16, 2), (4, 0, 16, 2), (4, 8, 0, 2)]:
-        x = torch.randn(M, K).half()
-        w = torch.randn(N, K).half()
-        a = torch.randn(S, 4, K).half()
-        bb = torch.randn(S, N, 4).half()
-        scales = torch.ones(S)
-        ids = torch.full((M,), -1)
-        args = (x, w, None, a, bb, scales, ids, None)
-        y, xa = sim.multi_lora_linear_fwd(*args)
-        _check((y, xa), reference.multi_lora_linear_fwd, args, ("y", "xa"))
-        dy = torch.randn(M, N).half()
-        bargs = (dy, x, w, a, bb, scales, ids, None, xa, True, True, True)
-        _check(sim.multi_lora_linear_bwd(*bargs), reference.multi_lora_linear_bwd, bargs,
-               ("dx", "dA", "dB"))
-
-
-def test_reverse_schedule_multi(sim, reverse_schedule):
-    for M in (6, 300):
-        args = _multi_args(torch.float16, M, 72, 136, 6, 33)
-        x, w, b, a, bb, scales, ids, rk = args
-        y, xa = sim.multi_lora_linear_fwd(*args)
-        _check((y, xa), reference.multi_lora_linear_fwd, args, ("y", "xa"))
-        dy = torch.randn(M, 136).half()
-        bargs = (dy, x, w, a, bb, scales, ids, rk, xa, True, True, True)
-        _check(sim.multi_lora_linear_bwd(*bargs), reference.multi_lora_linear_bwd, bargs,
-               ("dx", "dA", "dB"))
-
-
 def test_fiber_stacks_fit(sim):
+    # (after the kernels launched by the tests above in this process)
     launches, blocks, switches, used, size = sim.sim_stats()[:5]
     assert launches > 0 and blocks > 0 and switches > 0
     assert 0 < used < size // 2, f"fiber stacks: {used} of {size} bytes used"
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,10 +217,13 @@ def test_fiber_stacks_fit(sim):
 IN_ASAN = os.environ.get("FUSED_LORA_SIM_ASAN", "0") == "1"
 _ROOT = Path(__file__).resolve().parent.parent
 # Every kernel, launcher and path once or twice: GEMV / tensor-core / SIMT GEMMs at ragged
-# edges, the backward reductions, the mixed-adapter decode and prefill paths, strided views.
-ASAN_SUBSET = ("((test_fwd or test_bwd) and (5x67 or 257x72) and not bfloat16) or "
-               "(test_multi_fwd_bwd and ranks and (f16 or f32) and not bf16) or "
-               "(test_strided_views and float16) or test_kernel_bugs_raise or test_cp_async")
+# edges, the backward reductions, the mixed-adapter decode and prefill paths, strided views
+# (the `sim` backend of tests/ops), and the emulator's bug reports and cp.async.
+ASAN_FILES = ("test_cuda_sim.py", os.path.join("ops", "test_lora_linear.py"),
+              os.path.join("ops", "test_multi_lora_linear.py"))
+ASAN_SUBSET = ("(test_raw_fwd_bwd and sim- and (5x67 or 257x72) and not bfloat16) or "
+               "(test_raw_multi_fwd_bwd and sim- and (f16 or f32) and not bf16) or "
+               "(test_raw_strided_views and sim- and float16) or test_kernel_bugs_raise or test_cp_async")
 
 
 def _asan_env():
@@ -545,8 +257,8 @@ def test_asan_reports_out_of_bounds_reads():
 @pytest.mark.skipif(IN_ASAN, reason="already under ASan")
 def test_asan_op_subset():
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x", "-p",
-         "no:cacheprovider", "-k", ASAN_SUBSET],
+        [sys.executable, "-m", "pytest", *ASAN_FILES, "-q", "-x", "-p", "no:cacheprovider",
+         "-k", ASAN_SUBSET],
         env=_asan_env(), capture_output=True, text=True, timeout=1200,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )

@@ -2,18 +2,22 @@
 
 The ops' gemm=2 (wgmma, 128x128 tiles) or gemm=3 (wgmma256, 128x256) makes every fp16/bf16
 tensor-core GEMM of the CUDA ops (forward y, dx, mixed-adapter forward and dx) run the wgmma
-kernel instead of the mma.sync one; every test here runs with both. The emulator queues each
-wgmma.mma_async and performs it only when wgmma_wait retires its group, reading the 128-byte-
-swizzled shared memory through the decoded descriptors (tools/simt_emu/src/simt_emu.cpp), with
-the dynamic shared memory at a shared address that is not 1024-byte aligned. So these tests
-fail for a wrong swizzle or descriptor, unaligned swizzle atoms, a stage overwritten while its
-MMAs are in flight (the pipeline's slot reuse), a wrong accumulator fragment map, and the edge,
-split-K, grouped-order and row_map paths the kernel shares with gemm_tc_kernel. Self-tests
-(selftest_wgmma) pin the emulator's own semantics: operands read at retirement, and the kernel
-bugs it reports (partial warpgroups, pending groups at exit, unsupported descriptors, addresses
-outside the dynamic shared memory). What they cannot
-show: that the PTX ISA reading shared by the kernel and the emulator is the hardware's (the GPU
-tests in tests/test_cuda_ext.py run both GEMMs), and anything about speed.
+kernel instead of the mma.sync one. The emulator queues each wgmma.mma_async and performs it
+only when wgmma_wait retires its group, reading the 128-byte-swizzled shared memory through the
+decoded descriptors (tools/simt_emu/src/simt_emu.cpp), with the dynamic shared memory at a
+shared address that is not 1024-byte aligned. The ops on it are the sim_wgmma / sim_wgmma256
+backends of tests/ops/test_<op>.py (test_raw_gemm_variants, test_raw_wgmma_*, the wgmma cases
+of test_raw_multi_fwd_bwd and test_raw_routing_plan_matches_unplanned), which fail for a wrong
+swizzle or descriptor, unaligned swizzle atoms, a stage overwritten while its MMAs are in flight
+(the pipeline's slot reuse), a wrong accumulator fragment map, and the edge, split-K,
+grouped-order and row_map paths the kernel shares with gemm_tc_kernel.
+
+Here: the self-tests (selftest_wgmma) that pin the emulator's own semantics -- operands read at
+retirement, and the kernel bugs it reports (partial warpgroups, pending groups at exit,
+unsupported descriptors, addresses outside the dynamic shared memory) -- and that the default
+GEMM (gemm=0) is mma.sync in the emulator. What they cannot show: that the PTX ISA reading
+shared by the kernel and the emulator is the hardware's (the cuda_mma / cuda_wgmma* backends of
+tests/ops run both GEMMs on a GPU), and anything about speed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import functools
 
 import pytest
 import torch
-from _utils import check_op_vs_reference, lora_args, multi_lora_args
+from _utils import check_op_vs_reference, lora_inputs
 from simt_emu import build_sim, sim_unavailable_reason
 
 from fused_lora import reference
@@ -32,7 +36,6 @@ if _REASON is not None:
     pytest.skip(f"SIMT emulator unavailable: {_REASON}", allow_module_level=True)
 
 SEED = (4242 << 31) | 99
-DTYPES = [torch.float16, torch.bfloat16]
 
 
 GEMM_MMA, GEMM_WGMMA, GEMM_WGMMA256 = 1, 2, 3  # the ops' `gemm` argument (csrc/lora.h)
@@ -58,13 +61,9 @@ def ops():
 
 @pytest.fixture(params=[GEMM_WGMMA, GEMM_WGMMA256], ids=["wgmma", "wgmma256"])
 def sim(ops, request):
-    """Every test runs on both tile widths: 128x128 (m64n128k16, the init in registers of its
-    own) and 128x256 (m64n256k16, the GEMM tile parked in shared memory for the init)."""
+    """Both tile widths: 128x128 (m64n128k16, the init in registers of its own) and 128x256
+    (m64n256k16, the GEMM tile parked in shared memory for the init)."""
     return _WithGemm(ops, request.param)
-
-
-def _wgmma_count(sim) -> int:
-    return sim.sim_stats()[6]
 
 
 def _fwd_bwd(sim, x, w, b, a, bb, p=0.3):
@@ -77,105 +76,24 @@ def _fwd_bwd(sim, x, w, b, a, bb, p=0.3):
                           ("dx", "dA", "dB"))
 
 
-# (M, K, N, R). The forward GEMM reduces over K (W0 as [N, K]: K-major B), dx over N (W0 as
-# [K, N]: N-major B, trans-b). BK = 64, 5 stage slots, loads 3 stages ahead: K or N = 700 is 11
-# k-stages (every slot reused twice while MMAs are in flight); 67 / 701 / 260: scalar loads
-# (K or N % 8 != 0); 129 / 257: ragged 128x128 tiles; M = 9: the smallest M the GEMM (not the
-# GEMV) takes; (20, 1000, 40) / (20, 40, 1000): split-K of the forward / dx GEMM (tiles < the
-# emulator's 4 SMs); 1100 rows: the grouped tile order's remainder group.
-SHAPES = [
-    (9, 64, 128, 16),
-    (129, 67, 129, 1),
-    (257, 700, 256, 16),
-    (257, 701, 260, 5),
-    (130, 136, 700, 33),
-    (20, 1000, 40, 16),
-    (20, 40, 1000, 16),
-    (1100, 24, 136, 4),
-]
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_single(sim, shape, dtype):
-    M, K, N, R = shape
-    before = _wgmma_count(sim)
-    _fwd_bwd(sim, *lora_args(dtype, M, K, N, R, bias=M % 2 == 1))
-    assert _wgmma_count(sim) > before, "the wgmma GEMM did not run"
-
-
 def test_default_is_mma_in_the_emulator(ops):
     # gemm=0 (auto, also the schema default) and 1: mma.sync in the emulator (on a GPU, auto is
     # wgmma where fl_has_wgmma()); gemm_choice says the same.
     for sim in (_WithGemm(ops, 0), _WithGemm(ops, GEMM_MMA), ops):
         before = ops.sim_stats()
-        _fwd_bwd(sim, *lora_args(torch.float16, 129, 64, 128, 4))
+        _fwd_bwd(sim, *lora_inputs(129, 64, 128, 4, torch.float16))
         after = ops.sim_stats()
         assert after[6] == before[6] and after[5] > before[5]
     assert [ops.gemm_choice(g, 0) for g in (0, 1, 2, 3)] == [1, 1, 2, 3]
     for bad in (4, -1):
         with pytest.raises(RuntimeError, match=r"gemm must be 0 \(auto\), 1 \(mma\), 2 "
                                                r"\(wgmma\) or 3 \(wgmma256\), got " + str(bad)):
-            _fwd_bwd(_WithGemm(ops, bad), *lora_args(torch.float16, 129, 64, 128, 4))
+            _fwd_bwd(_WithGemm(ops, bad), *lora_inputs(129, 64, 128, 4, torch.float16))
         with pytest.raises(RuntimeError, match="gemm must be"):
             ops.gemm_choice(bad, 0)
     # M = 0: no launch at all, and still the same error (checked before any size test)
     with pytest.raises(RuntimeError, match="gemm must be"):
-        _WithGemm(ops, 9).lora_linear_fwd(*lora_args(torch.float16, 0, 64, 128, 4), 0.5, 0.0, 1)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_views(sim, dtype):
-    # Row pitches that are not multiples of 8 and a base 3 elements in: every operand chunk goes
-    # through the scalar (non-cp.async) loads into the swizzled tiles.
-    M, K, N, R = 200, 136, 264, 16
-    x, w, b, a, bb = lora_args(dtype, M, K, N, R)
-    xs = torch.empty(M, K + 5, dtype=dtype)[:, 3:3 + K]
-    xs.copy_(x)
-    ws = torch.empty(N, K + 3, dtype=dtype)[:, 1:1 + K]
-    ws.copy_(w)
-    _fwd_bwd(sim, xs, ws, b, a, bb)
-
-
-def test_reverse_schedule(sim):
-    # Threads first run in reverse order: a missing barrier or proxy-fence ordering between the
-    # loads of one stage and the MMAs that read it shows in one of the two orders.
-    sim.set_schedule(1)
-    try:
-        _fwd_bwd(sim, *lora_args(torch.float16, 257, 700, 256, 16))
-    finally:
-        sim.set_schedule(0)
-
-
-# (M, K, N, S, R): decode-sized (M < 65: unsorted rows, up to S slots in a tile -> past the 4
-# slot passes the per-element gather), prefill (rows sorted by slot through row_map).
-MULTI_SHAPES = [(40, 130, 136, 12, 16), (300, 700, 257, 6, 33)]
-
-
-@pytest.mark.parametrize("shape", MULTI_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_multi(sim, shape, dtype):
-    M, K, N, S, R = shape
-    args = multi_lora_args(dtype, M, K, N, S, R)
-    before = _wgmma_count(sim)
-    y, xa = sim.multi_lora_linear_fwd(*args)
-    check_op_vs_reference((y, xa), reference.multi_lora_linear_fwd, args, ("y", "xa"))
-    x, w, b, a, bb, scales, ids, rk = args
-    dy = torch.randn(M, N).to(dtype)
-    bargs = (dy, x, w, a, bb, scales, ids, rk, xa, True, True, True)
-    check_op_vs_reference(sim.multi_lora_linear_bwd(*bargs), reference.multi_lora_linear_bwd,
-                          bargs, ("dx", "dA", "dB"))
-    assert _wgmma_count(sim) > before
-
-
-def test_matches_mma_kernel_closely(sim, ops):
-    # Same operands through both GEMMs: fp32 accumulation of exact fp16 products in a different
-    # order (init added last here), so the outputs agree to a rounding of the output dtype.
-    x, w, b, a, bb = lora_args(torch.float16, 257, 700, 256, 16)
-    args = (x, w, b, a, bb, 0.7, 0.0, SEED)
-    y_wg, _ = sim.lora_linear_fwd(*args)
-    y_mma, _ = ops.lora_linear_fwd(*args, gemm=GEMM_MMA)
-    torch.testing.assert_close(y_wg, y_mma, atol=2e-3, rtol=2e-3)
+        _WithGemm(ops, 9).lora_linear_fwd(*lora_inputs(0, 64, 128, 4, torch.float16), 0.5, 0.0, 1)
 
 
 def test_wgmma_reads_operands_when_retired(sim):

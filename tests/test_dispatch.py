@@ -110,3 +110,8 @@ def test_bench_table_writer_round_trip(stub, tmp_path):
     # The written table drives the choice: CUDA measured faster at 64 rows.
     assert dispatch.measured_choice("lora_linear", CUDA, "fwd", 64, torch.bfloat16,
                                     table=table["entries"]) == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_backend_on_cuda_is_a_kernel():
+    assert backends.select("lora_linear", "auto", torch.device("cuda"), torch.bfloat16) in ("triton", "cuda")

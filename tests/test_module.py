@@ -1,4 +1,5 @@
-"""FusedLoRALinear: construction, PEFT layout, merge/unmerge, dropout, train/eval."""
+"""FusedLoRALinear: construction, PEFT layout, merge/unmerge, dropout, train/eval; MultiLoRALinear:
+loading / unloading adapters into its bank, training two of them, bad input."""
 
 from __future__ import annotations
 
@@ -198,3 +199,53 @@ def test_fp32_adapters_under_autocast():
 def test_module_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedLoRALinear(8, 8, **kwargs)
+
+
+# ----------------------------------------------------------------------------- MultiLoRALinear
+
+
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", TRITON_DEVICE)])
+def test_module_load_unload_and_train_two_adapters(backend, device):
+    base = torch.nn.Linear(20, 18, device=device)
+    m = fused_lora.MultiLoRALinear(base, n_slots=5, max_rank=8, backend=backend)
+    assert m.weight is base.weight and not m.weight.requires_grad  # shared, frozen
+    a1, b1 = torch.randn(8, 20, device=device), torch.randn(18, 8, device=device)
+    a2, b2 = torch.randn(3, 20, device=device), torch.randn(18, 3, device=device)
+    m.load_adapter(1, a1, b1, 0.5)
+    m.load_adapter(3, a2, b2, 2.0)  # smaller rank: zero-padded, rank 3
+    assert m.ranks.tolist() == [0, 8, 0, 3, 0]
+    x = torch.randn(2, 6, 20, device=device)
+    ids = torch.tensor([[1, 3, -1, 1, 0, 3], [3, 3, 1, -1, -1, 1]], device=device)
+    y = m(x, ids)
+    expect = ref.multi_lora_linear(x.double(), base.weight.double(), base.bias.double(),
+                                   m.lora_A.double(), m.lora_B.double(), m.scales, ids, m.ranks)
+    torch.testing.assert_close(y, expect.float(), rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    gA, gB = m.lora_A.grad, m.lora_B.grad
+    assert gA.abs()[1].sum() > 0 and gA.abs()[3, :3].sum() > 0 and gB.abs()[[1, 3]].sum() > 0
+    assert torch.count_nonzero(gA[[0, 2, 4]]) == 0 and torch.count_nonzero(gB[[0, 2, 4]]) == 0
+    assert torch.count_nonzero(gA[3, 3:]) == 0 and torch.count_nonzero(gB[3, :, 3:]) == 0
+    assert base.weight.grad is None
+    m.unload_adapter(1)
+    with torch.no_grad():
+        y2 = m(x, ids)
+        y_base = F.linear(x, base.weight, base.bias)
+    keep = (ids == 3)
+    torch.testing.assert_close(y2[~keep], y_base[~keep])
+
+
+def test_module_bad_input():
+    base = torch.nn.Linear(8, 6)
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        fused_lora.MultiLoRALinear(torch.nn.Conv1d(1, 1, 1), 2, 4)
+    with pytest.raises(ValueError, match="max_rank must be"):
+        fused_lora.MultiLoRALinear(base, 2, 0)
+    m = fused_lora.MultiLoRALinear(base, 2, 4)
+    with pytest.raises(ValueError, match="adapter rank must be"):
+        m.load_adapter(0, torch.randn(5, 8), torch.randn(6, 5), 1.0)
+    with pytest.raises(ValueError, match="slot must be"):
+        m.load_adapter(2, torch.randn(2, 8), torch.randn(6, 2), 1.0)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        m.load_adapter(0, torch.randn(2, 8), torch.randn(6, 3), 1.0)
+    with pytest.raises(ValueError, match="adapter_ids is required"):
+        m(torch.randn(3, 8))

@@ -154,9 +154,16 @@ def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _gemm_configs(small_m: bool = False):
+def _tile_configs(cfgs, pre_hook=None):
+    """(BM, BN, BK, stages, warps) tuples as autotune configs; the interpreter's one config."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, pre_hook=pre_hook)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=s, num_warps=w, pre_hook=pre_hook)
+            for bm, bn, bk, s, w in cfgs]
+
+
+def _gemm_configs(small_m: bool = False):
     cfgs = [
         # (BM, BN, BK, stages, warps)
         (128, 256, 64, 3, 8),
@@ -170,11 +177,7 @@ def _gemm_configs(small_m: bool = False):
     ]
     if small_m:  # decode-like M <= 64: narrow M tiles, wide K for bandwidth
         cfgs += [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 128, 64, 3, 4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                      num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in cfgs
-    ]
+    return _tile_configs(cfgs)
 
 
 # The backward's dA / dB programs have tiles of their own, whatever the dx config: [BR, 128]
@@ -234,10 +237,8 @@ def _dx_configs():
     K step BLOCK_N over N. Forward-tuned configs gave it output tiles of 128x64 at best (16x
     m64n64k16 per step, twice the L2 traffic of 128x256) and two configs of 288 / 240 KB of
     shared memory that could never launch; these are its own: 128x256 / 256x128 output tiles at
-    a 64-deep K step (3 stages x 48 KB = 144 KB), down to 64x64. BLOCK_M is also the M step of
-    the dA / dB programs, BLOCK_K the dA programs' K block, BLOCK_N the dB programs' N block."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    a 64-deep K step (3 stages x 48 KB = 144 KB), down to 64x64. The dA / dB programs of the
+    same launch have tiles of their own (WB_BLOCK_M, DA_BLOCK_K, DB_BLOCK_N)."""
     cfgs = [
         # (BM, BN = K step, BK, stages, warps); the first three hold 128 accumulators /
         # thread (no dropout), the others 32-64 (any).
@@ -249,11 +250,7 @@ def _dx_configs():
         (64, 64, 128, 4, 4),
         (64, 64, 64, 4, 4),
     ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                      num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in cfgs
-    ]
+    return _tile_configs(cfgs)
 
 
 def _small_configs():
@@ -514,14 +511,9 @@ def _tma_block_hook(nargs):
 
 
 def _tma_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              pre_hook=_tma_block_hook)]
-    cfgs = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=s, num_warps=w, pre_hook=_tma_block_hook)
-            for bm, bn, bk, s, w in cfgs]
+    return _tile_configs([(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4),
+                          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+                         pre_hook=_tma_block_hook)
 
 
 @triton.autotune(configs=_tma_configs(), key=["M_KEY", "N", "K", "R"])

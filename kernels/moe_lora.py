@@ -148,6 +148,17 @@ def _moe_expand(acc, s_ptr, q_ptr, ss_ptr, rows64, offs_n, mask_m, mask_n, slot,
     return acc
 
 
+def _moe_gemm_configs():
+    # The rows of a tile are the plan's 64 (one wgmma M); N / K / warps are tuned: 64 x 64 x 64
+    # (the tutorial's shape), wider N tiles for wide projections (Qwen3-30B-A3B gate_up: N = 1536),
+    # all without spills and with every wgmma chain unbroken (kernel audit, case moe-qwen3).
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_stages=1, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w)
+            for bn, bk, st, w in [(64, 64, 3, 4), (128, 64, 4, 4), (256, 64, 3, 8)]]
+
+
+@triton.autotune(configs=_moe_gemm_configs(), key=["N", "K", "R", "HAS_DROPOUT", "HAS_SS"])
 @triton.jit(do_not_specialize=["lora_scale", "key1", "key2", "drop_thresh"])
 def _moe_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, q_ptr, y_ptr, perm_ptr, tile_row0_ptr, tile_row1_ptr, tile_slot_ptr,
@@ -360,7 +371,7 @@ def _launch_gemm(x: Tensor, w: Tensor, w_strides: tuple, N: int, bias: Optional[
     bias_t = bias if bias is not None else y
     bstr = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     ss, has_ss = banks.ss_args(slot_scaled, y)
-    _moe_gemm_kernel[(T * triton.cdiv(N, _BLOCK_N),)](
+    _moe_gemm_kernel[lambda META: (T * triton.cdiv(N, META["BLOCK_N"]),)](
         x, w, bias_t, s, Q, y, plan.order, plan.tile_row0, plan.tile_row1, plan.tile_slot, ss,
         N, K, R, *banks.ids(), x_div, T,
         x.stride(0), x.stride(1), *w_strides, *bstr, s.stride(0), s.stride(1), *q_strides,
@@ -368,8 +379,6 @@ def _launch_gemm(x: Tensor, w: Tensor, w_strides: tuple, N: int, bias: Optional[
         lora_scale, key1, key2, thresh,
         HAS_BIAS=bias is not None, HAS_DROPOUT=thresh > 0, HAS_SS=has_ss, INPUT_PRECISION=_fp32_precision(),
         LORA_PRECISION=lora_precision(x.dtype, Q.dtype), BLOCK_R=_block_r(R), BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M, num_warps=_NUM_WARPS,
-        num_stages=_NUM_STAGES,
     )
 
 

@@ -26,9 +26,10 @@ one scalar scale and one rank serve every expert.
 Rows whose id is outside [0, E) (only reachable with an unvalidated plan) belong to no expert:
 their y / dx rows are exact zeros and they add nothing to dA / dB.
 
-Tile sizes are fixed, not autotuned: no GPU was available to time configurations, so they are
-the Triton matmul tutorial's 64 x 64 x 64 shape with the plan's 64-row tiles (16 x 32 x 32 under
-the interpreter so that small CPU tests span several tiles).
+The grouped GEMM is autotuned over N / K tiles and warps (64 x 64 up to 64 x 256 output tiles,
+the plan's 64 rows each); the shrink and weight-gradient kernels keep the Triton matmul
+tutorial's 64 x 64 x 64 shape (16 x 32 x 32 under the interpreter so that small CPU tests span
+several tiles). No configuration has been timed on a GPU yet.
 """
 
 from __future__ import annotations

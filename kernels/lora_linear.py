@@ -137,6 +137,32 @@ def _lora_dot(a, b, acc, PRECISION: tl.constexpr):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _lora_expand(acc, s_ptr, p_ptr, offs_m, offs_n, mask_m, mask_n, R,
+                 stride_sm, stride_sr, stride_pr, stride_pn, scale,
+                 PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr):
+    """acc + scale * S[offs_m, :R] P[:R, offs_n], the r-deep LoRA step every GEMM of this file
+    adds to its accumulator (forward: S = xa, P = B^T; dx: S = ds, P = A), in R_CHUNKS = cdiv(R,
+    BLOCK_R) static steps (1 up to r = 64). The scale goes on the [BM, BR] S tile (1/16 of the
+    multiplies of scaling a 128 x 256 accumulator at r = 16, and no non-wgmma write to acc)."""
+    for c in tl.static_range(R_CHUNKS):
+        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        t = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0) * scale
+        p = tl.load(p_ptr + offs_r[:, None] * stride_pr + offs_n[None, :] * stride_pn,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _lora_dot(t, p, acc, PRECISION)
+    return acc
+
+
+# The expand's rank chunk (every _lora_expand call): 16, the narrowest tl.dot K, whatever the
+# shrink's BLOCK_R. At r = 64 a 64-wide chunk held S / P hi-lo splits of 64 columns at once
+# beside the accumulator: 80-680 B of spills in the dx and forward epilogues (audit, sm_90a,
+# train-*-r64); 16-wide static chunks keep one quarter of that live.
+_EXPAND_R = 16
+
+
 def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
     """The LoRA dots' precision for activations x_dtype and adapters adapter_dtype: "tf32" when
     torch allows TF32 for matmul or the adapters are 16-bit (their dots then read fp32 xa / ds
@@ -236,8 +262,8 @@ def _dx_configs():
     """The backward's configs. Its main GEMM is dx [M, K] = dy W0: output tile BLOCK_M x BLOCK_K,
     K step BLOCK_N over N. Forward-tuned configs gave it output tiles of 128x64 at best (16x
     m64n64k16 per step, twice the L2 traffic of 128x256) and two configs of 288 / 240 KB of
-    shared memory that could never launch; these are its own: 128x256 / 256x128 output tiles at
-    a 64-deep K step (3 stages x 48 KB = 144 KB), down to 64x64. The dA / dB programs of the
+    shared memory that could never launch; these are its own: up to 128x256 output tiles at a
+    64-deep K step (3 stages x 48 KB = 144 KB), down to 64x64. The dA / dB programs of the
     same launch have tiles of their own (WB_BLOCK_M, DA_BLOCK_K, DB_BLOCK_N)."""
     cfgs = [
         # (BM, BN = K step, BK, stages, warps); the first three hold 128 accumulators /
@@ -356,7 +382,7 @@ def _fwd_gemm(
     acc, x_ptr, w_ptr, b_ptr, xa_ptr, pid_m, pid_n, M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
     scale, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, EXPAND_R: tl.constexpr, R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # The main loop is the Triton tutorial's GEMM (kernels/plain_gemm.py, the audit's
@@ -377,22 +403,10 @@ def _fwd_gemm(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     # The LoRA expand after the main loop, one more r-deep K step into the same accumulator
-    # (static: R_CHUNKS = cdiv(R, BLOCK_R) is 1 up to r = 64). Before the loop it delayed the
-    # first prefetches by its own loads and multiplied the whole accumulator by the scale; here
-    # the scale goes on the [BM, BR] xa tile (1/16 of the multiplies at BN = 256, r = 16).
-    for c in tl.static_range(R_CHUNKS):
-        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        s = tl.load(
-            xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-        ) * scale
-        b = tl.load(  # B^T tile [BR, BN]
-            b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-            mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-        )
-        acc = _lora_dot(s, b, acc, LORA_PRECISION)
-    return acc
+    # (_lora_expand). Before the loop it delayed the first prefetches by its own loads, and
+    # its `acc *= scale` wrote the accumulator between two wgmma chains.
+    return _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_sm, stride_sr,
+                        stride_br, stride_bn, scale, LORA_PRECISION, EXPAND_R, R_CHUNKS)
 
 
 @triton.jit
@@ -449,7 +463,8 @@ def _lora_fwd_kernel(
     scale,
     a_ptr, stride_ar, stride_ak,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    FUSE_SHRINK: tl.constexpr, A_FP32: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, A_FP32: tl.constexpr, BLOCK_R: tl.constexpr, EXPAND_R: tl.constexpr,
+    R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = x W0^T + b + scale * xa B^T, one [BM, BN] tile per program, y written once.
@@ -480,7 +495,7 @@ def _lora_fwd_kernel(
         acc = _fwd_gemm(
             acc, x_ptr, w_ptr, b_ptr, xa_ptr, pid_m, pid_n, M, N, K, R,
             stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
-            scale, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, R_CHUNKS, BLOCK_M, BLOCK_N, BLOCK_K,
+            scale, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, EXPAND_R, R_CHUNKS, BLOCK_M, BLOCK_N, BLOCK_K,
         )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
@@ -524,7 +539,7 @@ def _lora_fwd_tma_kernel(
     stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
     scale,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, EXPAND_R: tl.constexpr, R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """_lora_fwd_kernel with the x / W0 tiles loaded by TMA (the tensor-memory accelerator:
@@ -545,14 +560,8 @@ def _lora_fwd_tma_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    for c in tl.static_range(R_CHUNKS):
-        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        s = tl.load(xa_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0) * scale
-        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = _lora_dot(s, b, acc, LORA_PRECISION)
+    acc = _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_sm, stride_sr,
+                       stride_br, stride_bn, scale, LORA_PRECISION, EXPAND_R, R_CHUNKS)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
@@ -643,7 +652,7 @@ def lora_linear_fwd(
                 xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
                 float(scale),
                 HAS_BIAS=bias is not None, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
-                BLOCK_R=BLOCK_R, R_CHUNKS=triton.cdiv(R, BLOCK_R),
+                BLOCK_R=BLOCK_R, EXPAND_R=_EXPAND_R, R_CHUNKS=triton.cdiv(R, _EXPAND_R),
             )
             return y, xa
         _lora_fwd_kernel[
@@ -656,7 +665,8 @@ def lora_linear_fwd(
             float(scale),
             lora_A, lora_A.stride(0), lora_A.stride(1),
             HAS_BIAS=bias is not None, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
-            FUSE_SHRINK=fuse, A_FP32=a_fp32, BLOCK_R=BLOCK_R, R_CHUNKS=triton.cdiv(R, BLOCK_R),
+            FUSE_SHRINK=fuse, A_FP32=a_fp32, BLOCK_R=BLOCK_R, EXPAND_R=_EXPAND_R,
+            R_CHUNKS=triton.cdiv(R, _EXPAND_R),
         )
     return y, xa
 
@@ -785,29 +795,14 @@ def _bwd_db_program(
 
 
 @triton.jit
-def _bwd_dx_lora(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
-                 stride_dsm, stride_dsr, stride_ar, stride_ak,
-                 LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr):
-    # acc + ds A over the tile (r-deep: R_CHUNKS = cdiv(R, BLOCK_R) static steps, 1 up to r = 64)
-    for c in tl.static_range(R_CHUNKS):
-        offs_r = c * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc = _lora_dot(ds, a, acc, LORA_PRECISION)
-    return acc
-
-
-@triton.jit
 def _bwd_dx_program(
     pid, dy_ptr, w_ptr, a_ptr, ds_ptr, dx_ptr, M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_dsm, stride_dsr, stride_dxm, stride_dxk,
     key1, key2, drop_thresh, drop_scale,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, EXPAND_R: tl.constexpr, R_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One dx tile [BM, BK] = dy W0 + drop'(ds A), K step BLOCK_N over N.
@@ -826,8 +821,9 @@ def _bwd_dx_program(
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if HAS_DROPOUT:
-        acc = _bwd_dx_lora(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
-                           stride_dsm, stride_dsr, stride_ar, stride_ak, LORA_PRECISION, BLOCK_R, R_CHUNKS)
+        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
+                           R_CHUNKS)
         keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
         acc = tl.where(keep, acc * drop_scale, 0.0)
     # main loop: as the forward's (see _tile_ptrs), with the roles dy = a [M, N], W0 = b^T.
@@ -841,8 +837,9 @@ def _bwd_dx_program(
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
     if not HAS_DROPOUT:
-        acc = _bwd_dx_lora(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
-                           stride_dsm, stride_dsr, stride_ar, stride_ak, LORA_PRECISION, BLOCK_R, R_CHUNKS)
+        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
+                           R_CHUNKS)
     tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
@@ -859,7 +856,7 @@ def _lora_bwd_kernel(
     scale, key1, key2, drop_thresh, drop_scale,
     NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+    BLOCK_R: tl.constexpr, EXPAND_R: tl.constexpr, R_CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One launch, three kinds of program (in this pid order):
@@ -896,7 +893,8 @@ def _lora_bwd_kernel(
             stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
             stride_dsm, stride_dsr, stride_dxm, stride_dxk,
             key1, key2, drop_thresh, drop_scale,
-            HAS_DROPOUT, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, R_CHUNKS, BLOCK_M, BLOCK_N, BLOCK_K,
+            HAS_DROPOUT, INPUT_PRECISION, LORA_PRECISION, BLOCK_R, EXPAND_R, R_CHUNKS, BLOCK_M, BLOCK_N,
+            BLOCK_K,
             GROUP_M,
         )
 
@@ -978,7 +976,7 @@ def lora_linear_bwd(
                 float(scale), key1, key2, thresh, drop_scale,
                 NEED_DX=needs_dx, NEED_DA=needs_dA, NEED_DB=det_db,
                 HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
-                BLOCK_R=BLOCK_R, R_CHUNKS=triton.cdiv(R, BLOCK_R),
+                BLOCK_R=BLOCK_R, EXPAND_R=_EXPAND_R, R_CHUNKS=triton.cdiv(R, _EXPAND_R),
             )
     if atomic_db:
         dB.copy_(db_acc)

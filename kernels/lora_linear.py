@@ -605,7 +605,8 @@ def lora_linear_fwd(
     """Triton forward; same contract as fused_lora.reference.lora_linear_fwd.
 
     shrink: "pre" (xa by _lora_shrink_kernel, then the GEMM) or "fused" (xa inside the GEMM's
-    K loop; only without dropout and for r <= 64, else "pre"; registry entry triton:inloop).
+    K loop; only without dropout, for r <= 32 and 16-bit adapters, else "pre"; registry entry
+    triton:inloop).
     Which is faster is shape-dependent and must be measured on the GPU (`python -m
     fused_lora.bench linear` times both). tma: the GEMM's x / W0 tiles by TMA
     (_lora_fwd_tma_kernel, entry triton:tma) with the pre-kernel shrink; where TMA cannot take
@@ -630,8 +631,9 @@ def lora_linear_fwd(
     if shrink not in ("pre", "fused"):
         raise ValueError(f"shrink must be 'pre' or 'fused', got {shrink!r}")
     # fp32 adapters: the bf16 hi / lo split of every A tile inside the K loop cost 1.8-5.3x the
-    # plain GEMM's instructions per step (audit, sm_90a), so they take the pre-kernel.
-    fuse = shrink == "fused" and dropout_p == 0.0 and R <= BLOCK_R and not a_fp32
+    # plain GEMM's instructions per step (audit, sm_90a), so they take the pre-kernel; so does
+    # r > 32 (the [BM, 64] xa accumulator beside acc spilled 16-88 B at r = 64).
+    fuse = shrink == "fused" and dropout_p == 0.0 and R <= 32 and not a_fp32
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if not fuse:
             _lora_shrink_kernel[lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))](

@@ -4,7 +4,7 @@ Entries (variants are named here, never read from the environment at launch):
 
 =========================  ===================================================================
 lora_linear  triton        shrink pre-kernel + GEMM with the expand in its accumulator
-lora_linear  triton:inloop the shrink inside the GEMM's K loop (no dropout, r <= 64)
+lora_linear  triton:inloop the shrink inside the GEMM's K loop (no dropout, r <= 32, 16-bit adapters)
 lora_linear  triton:tma    the GEMM's x / W0 tiles loaded by TMA (sm_90+; Triton >= 3.4)
 multi        triton        path chosen from shapes (decode for M <= 64, else prefill/hybrid)
 multi        triton:decode / triton:prefill / triton:hybrid: that path at any M

@@ -114,6 +114,7 @@ def _compiled_chain() -> Callable[..., Tensor]:
 _NOTES = {
     "triton:inloop": "shrink inside the GEMM K loop",
     "triton:tma": "GEMM tiles by TMA",
+    "triton:tma_persistent": "persistent GEMM, TMA tiles",
     "cuda:mma": "mma.sync GEMM",
     "cuda:wgmma": "wgmma GEMM, 128x128 tiles",
     "cuda:wgmma256": "wgmma GEMM, 128x256 tiles",

@@ -3,17 +3,18 @@
     python -m fused_lora.kernels.audit [--arch 90a,80] [--cases NAME,...] [--json out.json] [--gate]
 
 How it compiles what runs. Each named case (_CASES: training 8192 x 4096^2 at r = 16 / 64 with
-bf16 / fp32 adapters, dropout on and off, the forward's shrink / TMA variants; fp16; decode
-M = 1 and 16 over 64 adapters; prefill of 4096 tokens over 8 adapters; one Qwen3-30B-A3B MoE
+bf16 / fp32 adapters, dropout on and off, the forward's shrink / TMA variants; fp16; decode M =
+1 and 16 over 64 adapters; prefill of 4096 tokens over 8 adapters; one Qwen3-30B-A3B MoE
 gate_up, 4096 tokens x top-8 of 128 experts) calls the real launchers (kernels.lora_linear /
-kernels.multi_lora / kernels.moe_lora) on CPU tensors of the named shapes while Triton's
-launch is intercepted: Autotuner.run is replaced by a loop over every config the autotuner
-could pick (its own prune_configs, so a kernel's prune_configs_by / early_config_prune
-applies), and JITFunction.run by a recorder of the real arguments and constexprs. Each
-recorded launch is then bound with Triton's own runtime code for the target backend
-(create_function_from_signature + JITFunction._pack_args: ints divisible by 16 get the
-divisibility hint, ints equal to 1 become constants, 16-byte-aligned pointers get the
-alignment hint, exactly as at run time) and compiled with triton.compile for
+kernels.multi_lora / kernels.moe_lora) on CPU tensors of the named shapes, once per arch with
+that arch's GPU pinned (kernels.target.pinned: every prune function then keeps what a launch on
+an H100 / H200 or an A100 would keep), while Triton's launch is intercepted: Autotuner.run is
+replaced by a loop over every config the autotuner could pick (its own prune_configs, so a
+kernel's prune_configs_by / early_config_prune applies), and JITFunction.run by a recorder of
+the real arguments and constexprs. Each recorded launch is then bound with Triton's own runtime
+code for the target backend (create_function_from_signature + JITFunction._pack_args: ints
+divisible by 16 get the divisibility hint, ints equal to 1 become constants, 16-byte-aligned
+pointers get the alignment hint, exactly as at run time) and compiled with triton.compile for
 GPUTarget("cuda", 90) (ptxas --gpu-name=sm_90a) and GPUTarget("cuda", 80), in a pool of
 os.cpu_count() processes, with a fresh Triton cache directory per run (nothing carried over).
 
@@ -90,6 +91,7 @@ from fused_lora.kernels import lora_linear as L  # noqa: E402
 from fused_lora.kernels import moe_lora as MOE  # noqa: E402
 from fused_lora.kernels import multi_lora as ML  # noqa: E402
 from fused_lora.kernels import plain_gemm as PG  # noqa: E402
+from fused_lora.kernels import target  # noqa: E402
 from fused_lora.routing import RoutingPlan  # noqa: E402
 
 # Max dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), what Triton's
@@ -104,11 +106,13 @@ HOT = {
     "_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_ds_kernel", "_lora_bwd_kernel",
     "_mlora_bgmv_shrink_kernel", "_mlora_sgmv_shrink_kernel", "_mlora_fwd_gather",
     "_mlora_fwd_segmented", "_mlora_bwd_weight_kernel", "_lora_fwd_tma_kernel",
+    "_lora_fwd_tma_persistent_kernel",
     "_moe_shrink_kernel", "_moe_gemm_kernel", "_moe_bwd_weight_kernel",
 }
 # The ratio gate: the single-adapter forward GEMM and dx GEMM. (The multi-adapter GEMMs get
 # the ratio column too, for information.)
-RATIO_GATED = {"_lora_fwd_kernel", "_lora_bwd_kernel", "_lora_fwd_tma_kernel"}
+RATIO_GATED = {"_lora_fwd_kernel", "_lora_bwd_kernel", "_lora_fwd_tma_kernel",
+               "_lora_fwd_tma_persistent_kernel", "_lora_bwd_dx_tma_kernel"}
 # ... except the in-loop-shrink forward (registry entry triton:inloop): its K loop holds the
 # shrink's r-wide MMA and A-tile loads on purpose (1 + BR / BN of the MMA work), so its gates
 # are the others (compiles, no spill, no serialised wgmma); its ratio is reported.
@@ -138,6 +142,7 @@ class Case:
     path: Optional[str] = None
     split_k: Optional[int] = None
     ci: bool = False  # in the CI subset (tests/test_audit.py)
+    gated: bool = True  # False: only the compile gate (coverage, not a performance target)
     selftest: bool = False  # checks the audit itself; not in "all"
 
 
@@ -151,8 +156,9 @@ _CASES = [
     Case("train-fp32a-r16", "train", 8192, 4096, 4096, 16, a_dtype="fp32", ci=True),
     Case("train-fp32a-r64", "train", 8192, 4096, 4096, 64, a_dtype="fp32"),
     Case("train-fp16-r16", "train", 8192, 4096, 4096, 16, x_dtype="fp16", a_dtype="fp16"),
-    # fp32 activations are not a performance target; compiled for coverage (compile errors).
-    Case("train-fp32-r16", "train", 8192, 4096, 4096, 16, x_dtype="fp32", a_dtype="fp32"),
+    # fp32 activations are not a performance target (no fp32 tensor-core GEMM is: tf32 / ieee
+    # dots of 4-byte tiles); compiled for coverage: the compile gate only.
+    Case("train-fp32-r16", "train", 8192, 4096, 4096, 16, x_dtype="fp32", a_dtype="fp32", gated=False),
     Case("decode-m1", "multi", 1, 4096, 4096, 16, slots=64, path="decode", split_k=8),
     Case("decode-m16", "multi", 16, 4096, 4096, 16, slots=64, path="decode", split_k=8, ci=True),
     Case("prefill-4096x8", "multi", 4096, 4096, 4096, 16, slots=8, path="prefill", ci=True),
@@ -182,8 +188,11 @@ def _calls(c: Case) -> list[tuple[str, Callable[[], Any]]]:
             ("fwd pre p=0", lambda: fwd(x, w, None, A, B, 2.0, 0.0, 0, shrink="pre")),
             ("fwd fused p=0", lambda: fwd(x, w, None, A, B, 2.0, 0.0, 0, shrink="fused")),
             ("fwd tma p=0", lambda: fwd(x, w, None, A, B, 2.0, 0.0, 0, tma=True)),
+            ("fwd tma-persistent p=0", lambda: fwd(x, w, None, A, B, 2.0, 0.0, 0, tma=True, persistent=True)),
             ("bwd p=0.1", lambda: bwd(dy, x, w, A, B, xa, 2.0, 0.1, 0, True, True, True)),
             ("bwd p=0", lambda: bwd(dy, x, w, A, B, xa, 2.0, 0.0, 0, True, True, True)),
+            ("bwd tma p=0.1", lambda: bwd(dy, x, w, A, B, xa, 2.0, 0.1, 0, True, True, True, tma=True)),
+            ("bwd tma p=0", lambda: bwd(dy, x, w, A, B, xa, 2.0, 0.0, 0, True, True, True, tma=True)),
         ]
     if c.kind == "plain":
         wt = w.t()  # [K, N], the forward's W0^T
@@ -582,13 +591,23 @@ def _plain_for(lc: Launch) -> Optional[dict]:
             b_strides = (a["stride_bk"], a["stride_bn"])
         else:
             b_strides = (a["stride_wk"], a["stride_wn"])  # the W^T tile [BK, BN]
-    elif lc.kernel in ("_lora_fwd_tma_kernel", "_plain_gemm_tma_kernel") and lc.case != "plain":
-        # against Triton's TMA tutorial structure at the same tile (b = W0 [N, K] by descriptor)
+    elif lc.kernel in ("_lora_fwd_tma_kernel", "_plain_gemm_tma_kernel", "_lora_fwd_tma_persistent_kernel",
+                       "_plain_gemm_tma_persistent_kernel") and lc.case != "plain":
+        # against Triton's TMA tutorial structure at the same tile (b = W0 [N, K] by descriptor),
+        # persistent on as many programs for the persistent kernel
         act = a.get("x_desc", a.get("a_desc")).base
         return dict(M=a["M"], N=a["N"], K=a["K"], dtype=act.dtype, b_strides=(0, 0), tma=True,
+                    num_sms=a.get("NUM_SMS", 0),
                     bm=a["BLOCK_M"], bn=a["BLOCK_N"], bk=a["BLOCK_K"], group_m=a.get("GROUP_M", 8),
                     stages=a.get("num_stages", 3), warps=a.get("num_warps", 4),
                     prec=a.get("INPUT_PRECISION", "ieee"))
+    elif lc.kernel == "_lora_bwd_dx_tma_kernel":
+        # dx [M, K] = dy [M, N] W0 [N, K]: the TMA yardstick with b = W0 as stored ([K_red, N_out]
+        # tiles [BN, BK], no transpose), at the dx tile (BM, BK) and K step BN
+        return dict(M=a["M"], N=a["K"], K=a["N"], dtype=a["dy_desc"].base.dtype, b_strides=(1, 1),
+                    tma=True, num_sms=0, b_kn=True, bm=a["BLOCK_M"], bn=a["BLOCK_K"], bk=a["BLOCK_N"],
+                    group_m=a.get("GROUP_M", 8), stages=a.get("num_stages", 3),
+                    warps=a.get("num_warps", 4), prec=a.get("INPUT_PRECISION", "ieee"))
     elif lc.kernel == "_lora_bwd_kernel" and a.get("NEED_DX"):
         # dx tile [BM, BK], K step BLOCK_N over N; the W0 tile [BN, BK] is the plain GEMM's b.
         bm, bn, bk = a["BLOCK_M"], a["BLOCK_K"], a["BLOCK_N"]
@@ -606,10 +625,12 @@ def _plain_for(lc: Launch) -> Optional[dict]:
 def _plain_call(p: dict) -> Callable[[], Any]:
     a = torch.empty(p["M"], p["K"], dtype=p["dtype"])
     if p.get("tma"):
-        b_nk = torch.empty(p["N"], p["K"], dtype=p["dtype"])
-        return lambda: PG.plain_gemm_tma(a, b_nk, block_m=p["bm"], block_n=p["bn"], block_k=p["bk"],
+        kn = p.get("b_kn", False)
+        b_nk = torch.empty(*((p["K"], p["N"]) if kn else (p["N"], p["K"])), dtype=p["dtype"])
+        return lambda: PG.plain_gemm_tma(a, b_nk, b_kn=kn, block_m=p["bm"], block_n=p["bn"], block_k=p["bk"],
                                          group_m=p["group_m"], num_stages=p["stages"],
-                                         num_warps=p["warps"], input_precision=p["prec"])
+                                         num_warps=p["warps"], input_precision=p["prec"],
+                                         num_sms=p["num_sms"])
     sk, sn = p["b_strides"]
     b = torch.empty_strided((p["K"], p["N"]), (sk, sn), dtype=p["dtype"])
     return lambda: PG.plain_gemm(a, b, block_m=p["bm"], block_n=p["bn"], block_k=p["bk"],
@@ -715,24 +736,10 @@ def _launch_ok(m: dict, arch: int, warps: int) -> Optional[bool]:
     return m["shared"] <= SHARED_LIMIT[arch] and regs * 32 * warps <= REGS_PER_SM
 
 
-def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext: bool = True,
-        plain: str = "all", log=sys.stderr, kernels: Optional[list[str]] = None,
-        variants: Optional[list[str]] = None, configs: Optional[list[str]] = None,
-        sass_dir: Optional[str] = None) -> dict:
-    """Capture, bind, compile and read every launch of the named cases for each arch; returns
-    the report (rows, extension, gates). plain="gated": yardsticks only for the ratio-gated
-    kernels (what CI needs), "all": for the multi-adapter GEMMs too. kernels / variants /
-    configs keep only the launches whose kernel name is listed, whose variant label contains
-    one of the strings, whose config label starts with one of them (a quicker look at one
-    kernel while editing it; CI runs everything). sass_dir: write each compile's SASS there,
-    named by its first row (arch, case, variant, kernel, config)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("audit: unset TRITON_INTERPRET (under the interpreter kernels cannot be compiled)")
-    if _API_ERROR:
-        raise SystemExit(_API_ERROR)
-    if not hasattr(Autotuner, "prune_configs"):
-        raise SystemExit(f"audit: Triton {triton.__version__}: Autotuner has no prune_configs")
-    t_start = time.time()
+def _capture(case_names: list[str], plain: str, kernels: Optional[list[str]],
+             variants: Optional[list[str]], configs: Optional[list[str]]) -> tuple[list[Launch], int, dict]:
+    """Every launch of the named cases (filtered), then one plain-GEMM yardstick launch per
+    distinct GEMM launch: (launches, how many are real, plain key -> its launch's index)."""
     cap = _Capture()
     with cap.patched():
         for name in case_names:
@@ -757,20 +764,44 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
             cap.case, cap.variant = "plain", f"M{p['M']} {str(p['dtype'])[6:]} b={b}"
             plain_of[k] = len(cap.launches)
             _plain_call(p)()
-    print(f"audit: {n_real} kernel launches (+{len(plains)} plain GEMM) captured in "
-          f"{time.time() - t_start:.1f}s", file=log)
+    return cap.launches, n_real, plain_of
 
+
+def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext: bool = True,
+        plain: str = "all", log=sys.stderr, kernels: Optional[list[str]] = None,
+        variants: Optional[list[str]] = None, configs: Optional[list[str]] = None,
+        sass_dir: Optional[str] = None) -> dict:
+    """Capture, bind, compile and read every launch of the named cases for each arch; returns
+    the report (rows, extension, gates). plain="gated": yardsticks only for the ratio-gated
+    kernels (what CI needs), "all": for the multi-adapter GEMMs too. kernels / variants /
+    configs keep only the launches whose kernel name is listed, whose variant label contains
+    one of the strings, whose config label starts with one of them (a quicker look at one
+    kernel while editing it; CI runs everything). sass_dir: write each compile's SASS there,
+    named by its first row (arch, case, variant, kernel, config)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("audit: unset TRITON_INTERPRET (under the interpreter kernels cannot be compiled)")
+    if _API_ERROR:
+        raise SystemExit(_API_ERROR)
+    if not hasattr(Autotuner, "prune_configs"):
+        raise SystemExit(f"audit: Triton {triton.__version__}: Autotuner has no prune_configs")
+    t_start = time.time()
     all_jobs: dict[str, dict] = {}
     rows: list[Row] = []
     for arch_s in archs:
         arch = int(arch_s.rstrip("a"))
+        # Captured per arch, with the target pinned: each prune function keeps what a launch on
+        # that GPU would keep (shared memory, SM count, arch-specific spill rules).
+        with target.pinned(target.AUDIT_GPUS[arch]):
+            launches, n_real, plain_of = _capture(case_names, plain, kernels, variants, configs)
+        print(f"audit: sm_{arch}: {n_real} kernel launches (+{len(launches) - n_real} plain GEMM) captured "
+              f"in {time.time() - t_start:.1f}s", file=log)
         job_of_launch = []
-        for lc in cap.launches:
+        for lc in launches:
             j = _bind(lc.fn, lc.args, lc.kwargs, arch)
             k = _job_key(j)
             all_jobs.setdefault(k, j)
             job_of_launch.append(k)
-        for i, lc in enumerate(cap.launches):
+        for i, lc in enumerate(launches):
             label = lc.config
             if "sNone" in label or "wNone" in label:  # a fixed launch on the backend's defaults
                 o = all_jobs[job_of_launch[i]]["options"]
@@ -856,7 +887,9 @@ def run(archs: list[str], case_names: list[str], jobs: Optional[int] = None, ext
 
 
 def _plain_idx(pj: dict) -> list[tuple[int, str]]:
-    names = PG._plain_gemm_kernel.arg_names
+    from triton.runtime.jit import _triton_jit_function_registry as reg
+
+    names = reg[pj["fn_key"]].arg_names  # the yardstick's own kernel (pointer, TMA, persistent)
     return [(names.index(k), k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
 
 
@@ -867,7 +900,7 @@ def _tile(j: dict, kernel: str) -> Optional[tuple]:
     c = {names[p[0]]: v for p, v in j["constexprs"].items() if len(p) == 1}
     if not {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= c.keys():
         return None
-    if kernel == "_lora_bwd_kernel":  # the dx GEMM: [BM, BK] tile, K step BN
+    if kernel in ("_lora_bwd_kernel", "_lora_bwd_dx_tma_kernel"):  # dx GEMM: [BM, BK] tile, K step BN
         return c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_N"]
     return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
 
@@ -903,6 +936,8 @@ def gates(report: dict) -> list[dict]:
             fail("compile", r, m["error"].splitlines()[0][:200])
             continue
         if r["case"] == "plain":  # the yardstick's own facts gate nothing (beyond compiling)
+            continue
+        if r["case"] in CASES and not CASES[r["case"]].gated:  # coverage: compiling is its gate
             continue
         if "_tma_" in r["kernel"] and not r["arch"].startswith("sm_9"):
             continue  # TMA kernels run on sm_90+ only (the registry refuses older GPUs)

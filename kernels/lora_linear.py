@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fused_lora.kernels.target import gpu_of
 from fused_lora.reference import dropout_keys, dropout_threshold
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -217,11 +218,10 @@ DB_BLOCK_N = tl.constexpr(32 if INTERPRET else 128)
 
 
 def _smem_limit(t) -> Optional[int]:
-    """Opt-in shared memory per block of t's GPU (None off a GPU: nothing to prune against)."""
-    if not (isinstance(t, Tensor) and t.is_cuda):
-        return None
-    p = torch.cuda.get_device_properties(t.device)
-    return getattr(p, "shared_memory_per_block_optin", None)
+    """Opt-in shared memory per block of t's GPU (or of the audit's pinned one; None off a GPU:
+    nothing to prune against)."""
+    g = gpu_of(t)
+    return g.smem_optin if g is not None and g.smem_optin else None
 
 
 def _pipeline_smem(c, elt: int, a_rows: str, b_cols: str, step: str) -> int:
@@ -229,14 +229,41 @@ def _pipeline_smem(c, elt: int, a_rows: str, b_cols: str, step: str) -> int:
     return c.num_stages * (kw[a_rows] * kw[step] + kw[step] * kw[b_cols]) * elt
 
 
+def _tile(c) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+
+
+# In-loop shrink on sm_80 (HMMA keeps the operands in registers): these forward tiles spilled
+# 32-208 B with the [BM, BR] xa accumulator beside acc (audit, sm_80, bf16 / fp16, r = 16); on
+# sm_90a (wgmma reads shared memory) all compile clean.
+_SM80_FUSED_SPILLS = {(128, 256, 64), (256, 128, 64), (128, 128, 64), (64, 256, 32)}
+
+
+# fp32 adapters at r > 32 on sm_80: these forward tiles spilled 8-24 B in the expand (the
+# bf16 hi / lo parts of four 16-rank B chunks beside 128 accumulators per thread; audit, sm_80).
+_SM80_FP32A_WIDE_SPILLS = {(128, 128, 32), (128, 128, 64), (128, 256, 64), (64, 256, 32)}
+
+
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """Configs whose pipelined x / W0 tiles alone exceed the GPU's shared memory are dropped
-    before autotuning (each would cost a compile and fail to launch)."""
+    before autotuning (each would cost a compile and fail to launch). At r > 32 the 32x64x128
+    decode tile spilled 8 B (the expand's four 16-rank chunks; audit, sm_90a, bf16, r = 64);
+    on sm_80 the in-loop shrink drops the tiles of _SM80_FUSED_SPILLS, fp32 adapters at r > 32
+    those of _SM80_FP32A_WIDE_SPILLS."""
     x = named_args.get("x_ptr")
-    lim = _smem_limit(x)
-    if lim is None:
-        return configs
-    kept = [c for c in configs if _pipeline_smem(c, x.element_size(), "BLOCK_M", "BLOCK_N", "BLOCK_K") <= lim]
+    lim, g = _smem_limit(x), gpu_of(x)
+    kept = configs
+    if lim is not None:
+        elt = x.element_size()
+        kept = [c for c in kept if _pipeline_smem(c, elt, "BLOCK_M", "BLOCK_N", "BLOCK_K") <= lim]
+    if g is None:
+        return kept or configs[-1:]
+    if named_args.get("R", 0) > 32:
+        kept = [c for c in kept if _tile(c) != (32, 64, 128)]
+    if kwargs.get("FUSE_SHRINK") and g.major < 9:
+        kept = [c for c in kept if _tile(c) not in _SM80_FUSED_SPILLS]
+    if g.major < 9 and named_args.get("R", 0) > 32 and _fp32_adapter(named_args):
+        kept = [c for c in kept if _tile(c) not in _SM80_FP32A_WIDE_SPILLS]
     return kept or configs[-1:]
 
 
@@ -244,18 +271,73 @@ def _prune_dx_configs(configs, named_args, **kwargs):
     """Shared memory as _prune_fwd_configs (dy [BM, BN] and W0 [BN, BK] tiles per stage).
     With dropout the dx tile also holds the keep-mask hash of the LoRA term (prologue):
     tiles of more than 64 fp32 accumulators per thread spilled 216-712 B (audit, sm_90a), so
-    dropout keeps the smaller tiles."""
+    dropout keeps the smaller tiles; at r > 32 (four 16-rank chunks of that term) the 4-warp
+    ones spilled 16-32 B too (audit, sm_90a, bf16 / fp32 adapters, r = 64), so it keeps the
+    8-warp tile."""
     dy = named_args.get("dy_ptr")
-    lim = _smem_limit(dy)
+    lim, g = _smem_limit(dy), gpu_of(dy)
     if lim is not None:
         elt = dy.element_size()
         configs = [c for c in configs
                    if _pipeline_smem(c, elt, "BLOCK_M", "BLOCK_K", "BLOCK_N") <= lim] or configs[-1:]
+    if g is not None and g.major < 9:
+        configs = _prune_dx_sm80(configs, named_args, bool(kwargs.get("HAS_DROPOUT")))
     if not kwargs.get("HAS_DROPOUT"):
         return configs
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+    if named_args.get("R", 0) > 32:
+        kept = [c for c in kept if c.num_warps == 8] or kept
     return kept or configs
+
+
+def _fp32_adapter(named_args) -> bool:
+    """fp32 adapters with 16-bit activations (PEFT's default): the bf16 hi / lo split path."""
+    act = named_args.get("x_ptr", named_args.get("dy_ptr"))
+    lora = [t for t in (named_args.get("a_ptr"), named_args.get("b_ptr")) if isinstance(t, Tensor)]
+    return act.dtype != torch.float32 and any(t.dtype == torch.float32 for t in lora)
+
+
+def _prune_dx_sm80(configs, named_args, has_dropout: bool):
+    """sm_80 only (HMMA, operands in registers; audit, sm_80): without dropout the 4-warp
+    128x64x64 and 64x64x128 dx tiles ran 1.16-1.18x the plain GEMM's instructions per K step
+    (and 128x64x64 spilled 8 B); with fp32 adapters the 4-warp 128x64x128 / 64x64x256 ones
+    spilled 16-24 B at r = 16 (the bf16 hi / lo parts of the A chunk), and at r = 64 all but
+    the 64x64x64 one."""
+    tile = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps): c for c in configs}
+    drop = set()
+    if not has_dropout:
+        drop |= {(128, 64, 64, 4), (64, 64, 128, 4)}
+    if _fp32_adapter(named_args):
+        drop |= {(128, 64, 128, 4), (64, 64, 256, 4)}
+        if named_args.get("R", 0) > 32:  # every other tile spilled 8-136 B at r = 64
+            drop |= {k for k in tile if k != (64, 64, 64, 4)}
+    return [c for k, c in tile.items() if k not in drop] or configs
+
+
+def _prune_small_configs(configs, named_args, **kwargs):
+    """The shrink's and the ds kernel's configs at 64-rank blocks (r > 32): the 256-deep
+    K tiles spilled 8-264 B (audit, sm_90a, r = 64; the [256, 64] A / B tile, x3 as bf16
+    hi / lo parts with fp32 adapters), so they go; with dropout the shrink's 4-warp tiles
+    serialised every wgmma (C7515 at 239-249 registers, sm_90a) and it keeps the 8-warp one.
+    On sm_80 (audit): fp32 adapters drop the 256-deep tiles at any rank (8 B at r = 16), at
+    64-rank blocks the 64x128 tile goes (104 B with bf16 adapters), and the ds kernel with fp32
+    B at 32-rank blocks (_rank_block) keeps the 64-deep tiles (8-64 B at 128)."""
+    g = gpu_of(named_args.get("x_ptr", named_args.get("dy_ptr")))
+    if g is None:
+        return configs
+    wide = kwargs.get("BLOCK_R", 0) > 32  # one 64-rank block (see _rank_block)
+    kept = configs
+    if wide or (g.major < 9 and _fp32_adapter(named_args)):
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] < 256]
+    if wide and g.major < 9:
+        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) != (64, 128)]
+    ds = "dy_ptr" in named_args
+    if g.major < 9 and ds and kwargs.get("BLOCK_R", 0) >= 32 and _fp32_adapter(named_args):
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] < 128]  # fp32 B at 32 ranks: 8-64 B
+    if wide and kwargs.get("HAS_DROPOUT"):
+        kept = [c for c in kept if c.num_warps == 8] or kept
+    return kept or configs[-1:]
 
 
 def _dx_configs():
@@ -294,6 +376,17 @@ def _block_r(R: int) -> int:
     return min(64, max(16, triton.next_power_of_2(R)))
 
 
+def _rank_block(R: int, x: Tensor, lora: Tensor) -> int:
+    """The single-adapter kernels' rank block: _block_r, except 32 on sm_80 with fp32 adapters
+    at r > 32. There the bf16 hi / lo parts of a 64-rank operand live in registers (HMMA) and
+    every shrink / ds config spilled 8-976 B, the backward's dA programs 8-136 B (audit, sm_80,
+    r = 64); 32-rank blocks cost one more read of x (shrink) or dy (ds) per extra block."""
+    g = gpu_of(x)
+    if R > 32 and g is not None and g.major < 9 and lora.dtype == torch.float32 and x.dtype != torch.float32:
+        return 32
+    return _block_r(R)
+
+
 def _tile_safe(t: Tensor) -> Tensor:
     """t, or a contiguous copy when a stride is so large that a tile's 32-bit offsets could
     overflow (_tile_ptrs: tile edge x stride < 2^31 needs strides < 2^22 at 512-wide tiles)."""
@@ -314,7 +407,8 @@ def _fp32_precision() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_small_configs(), key=["M_KEY", "K", "R"])
+@triton.autotune(configs=_small_configs(), key=["M_KEY", "K", "R", "HAS_DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune_small_configs})
 @triton.jit(do_not_specialize=["key1", "key2", "drop_thresh"])
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
@@ -531,6 +625,25 @@ def _tma_configs():
                          pre_hook=_tma_block_hook)
 
 
+@triton.jit
+def _fwd_tma_epilogue(acc, bias_ptr, xa_ptr, b_ptr, y_ptr, m0, n0, M, N, R,
+                      stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scale,
+                      HAS_BIAS: tl.constexpr, LORA_PRECISION: tl.constexpr, EXPAND_R: tl.constexpr,
+                      R_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The TMA forwards' tile end: + scale * xa B^T (after the K loop), + bias, y written once.
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_sm, stride_sr,
+                       stride_br, stride_bn, scale, LORA_PRECISION, EXPAND_R, R_CHUNKS)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 @triton.autotune(configs=_tma_configs(), key=["M_KEY", "N", "K", "R"])
 @triton.jit
 def _lora_fwd_tma_kernel(
@@ -556,17 +669,46 @@ def _lora_fwd_tma_kernel(
         x = x_desc.load([m0, k * BLOCK_K])
         w = w_desc.load([n0, k * BLOCK_K])  # W0 tile [BN, BK]
         acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_sm, stride_sr,
-                       stride_br, stride_bn, scale, LORA_PRECISION, EXPAND_R, R_CHUNKS)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc = acc + bias.to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _fwd_tma_epilogue(acc, bias_ptr, xa_ptr, b_ptr, y_ptr, m0, n0, M, N, R,
+                      stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scale,
+                      HAS_BIAS, LORA_PRECISION, EXPAND_R, R_CHUNKS, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_KEY", "N", "K", "R", "NUM_SMS"])
+@triton.jit
+def _lora_fwd_tma_persistent_kernel(
+    x_desc, w_desc, bias_ptr, xa_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_KEY,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    scale,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, EXPAND_R: tl.constexpr, R_CHUNKS: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_lora_fwd_tma_kernel made persistent, as the tutorial's matmul_kernel_tma_persistent:
+    min(NUM_SMS, tiles) programs, each walking the tiles start, start + NUM_SMS, ... in the
+    grouped order. At M = 8192, N = 4096 and 128x256 tiles that is 1024 tiles on 132 SMs, 7.8
+    per program: the launch and each CTA's set-up are paid once per SM, not once per tile.
+    The tile loop is not flattened into the K loop's pipeline (the tutorial's flatten=True):
+    flattened, the expand's dots sat inside the pipeline and ptxas serialised every wgmma
+    (C7515 on all 6 configs; audit, sm_90a); unflattened the K loop is the TMA kernel's (87
+    instructions per step at 128x256x64, none serialised)."""
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(start, num_m * num_n, NUM_SMS):  # not flatten=True (above)
+        pid_m, pid_n = _grouped_pid(tile, num_m, num_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_tiles):
+            x = x_desc.load([m0, k * BLOCK_K])
+            w = w_desc.load([n0, k * BLOCK_K])
+            acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)
+        _fwd_tma_epilogue(acc, bias_ptr, xa_ptr, b_ptr, y_ptr, m0, n0, M, N, R,
+                          stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn, scale,
+                          HAS_BIAS, LORA_PRECISION, EXPAND_R, R_CHUNKS, BLOCK_M, BLOCK_N)
 
 
 def tma_unavailable(x: Tensor, weight: Tensor) -> str:
@@ -601,6 +743,7 @@ def lora_linear_fwd(
     *,
     shrink: str = "pre",
     tma: bool = False,
+    persistent: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Triton forward; same contract as fused_lora.reference.lora_linear_fwd.
 
@@ -610,7 +753,8 @@ def lora_linear_fwd(
     Which is faster is shape-dependent and must be measured on the GPU (`python -m
     fused_lora.bench linear` times both). tma: the GEMM's x / W0 tiles by TMA
     (_lora_fwd_tma_kernel, entry triton:tma) with the pre-kernel shrink; where TMA cannot take
-    the operands (tma_unavailable), the pointer GEMM runs."""
+    the operands (tma_unavailable), the pointer GEMM runs. persistent (with tma): one program
+    per SM walking the tiles (_lora_fwd_tma_persistent_kernel, entry triton:tma_persistent)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     x, weight = _tile_safe(x), _tile_safe(weight)
@@ -622,7 +766,7 @@ def lora_linear_fwd(
         y.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(y))
         return y, xa.zero_()
     key1, key2, thresh, drop_scale = _dropout_args(dropout_p, seed)
-    BLOCK_R = _block_r(R)
+    BLOCK_R = _rank_block(R, x, lora_A)
     prec = _fp32_precision()
     a_fp32 = lora_A.dtype == torch.float32
     lora_prec = lora_precision(x.dtype, lora_A.dtype)
@@ -646,16 +790,24 @@ def lora_linear_fwd(
             # block shapes are placeholders: the autotune pre-hook sets each config's tile
             x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [32, 32])
             w_desc = TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [32, 32])
-            _lora_fwd_tma_kernel[
-                lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-            ](
-                x_desc, w_desc, bias if bias is not None else x, xa, lora_B, y,
-                M, N, K, R, _m_key(M),
-                xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-                float(scale),
-                HAS_BIAS=bias is not None, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
-                BLOCK_R=BLOCK_R, EXPAND_R=_EXPAND_R, R_CHUNKS=triton.cdiv(R, _EXPAND_R),
-            )
+            args = (x_desc, w_desc, bias if bias is not None else x, xa, lora_B, y,
+                    M, N, K, R, _m_key(M),
+                    xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+                    float(scale))
+            meta = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
+                        BLOCK_R=BLOCK_R, EXPAND_R=_EXPAND_R, R_CHUNKS=triton.cdiv(R, _EXPAND_R))
+
+            def tiles(META):
+                return triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])
+
+            if persistent:
+                g = gpu_of(x)
+                # Off a GPU (the interpreter) 3 programs, so that each walks several tiles.
+                n_sms = g.sms if g is not None else 3
+                _lora_fwd_tma_persistent_kernel[lambda META: (min(n_sms, tiles(META)),)](
+                    *args, **meta, NUM_SMS=n_sms)
+            else:
+                _lora_fwd_tma_kernel[lambda META: (tiles(META),)](*args, **meta)
             return y, xa
         _lora_fwd_kernel[
             lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
@@ -678,7 +830,8 @@ def lora_linear_fwd(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_small_configs(), key=["M_KEY", "N", "R"], reset_to_zero=["db_ptr"])
+@triton.autotune(configs=_small_configs(), key=["M_KEY", "N", "R"], reset_to_zero=["db_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_small_configs})
 @triton.jit
 def _lora_bwd_ds_kernel(
     dy_ptr, b_ptr, xa_ptr, ds_ptr, db_ptr,
@@ -846,7 +999,8 @@ def _bwd_dx_program(
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.autotune(configs=_dx_configs(), key=["M_KEY", "N", "K", "R", "NEED_DX", "NEED_DA", "NEED_DB"],
+@triton.autotune(configs=_dx_configs(), key=["M_KEY", "N", "K", "R", "NEED_DX", "NEED_DA", "NEED_DB",
+                                             "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_dx_configs})
 @triton.jit(do_not_specialize=["key1", "key2", "drop_thresh"])
 def _lora_bwd_kernel(
@@ -901,6 +1055,62 @@ def _lora_bwd_kernel(
         )
 
 
+def _dx_tma_block_hook(nargs):
+    # as _tma_block_hook: dy tiles [BM, BN] (BN = the K step over N), W0 tiles [BN, BK]
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["dy_desc"].block_shape = [bm, bn]
+    nargs["w_desc"].block_shape = [bn, bk]
+
+
+def _dx_tma_configs():
+    return [triton.Config(dict(c.kwargs), num_stages=c.num_stages, num_warps=c.num_warps,
+                          pre_hook=_dx_tma_block_hook) for c in _dx_configs()]
+
+
+@triton.autotune(configs=_dx_tma_configs(), key=["M_KEY", "N", "K", "R", "HAS_DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune_dx_configs})
+@triton.jit(do_not_specialize=["key1", "key2", "drop_thresh"])
+def _lora_bwd_dx_tma_kernel(
+    dy_desc, w_desc, a_ptr, ds_ptr, dx_ptr, dy_ptr,
+    M, N, K, R, M_KEY,
+    stride_ar, stride_ak, stride_dsm, stride_dsr, stride_dxm, stride_dxk,
+    key1, key2, drop_thresh, drop_scale,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    EXPAND_R: tl.constexpr, R_CHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_bwd_dx_program with the dy / W0 tiles loaded by TMA (registry entries triton:tma and
+    triton:tma_persistent; the dA / dB programs run in _lora_bwd_kernel with NEED_DX=False):
+    dx tile [BM, BK] = dy W0 + drop'(ds A), K step BLOCK_N over N, the LoRA term placed as
+    there (after the loop; the initial value with dropout). dy_ptr: the dy tensor itself, only
+    for the dx configs' prune (its dtype and GPU)."""
+    pid = tl.program_id(0)
+    pid_m, pid_k = _grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    m0 = pid_m * BLOCK_M
+    k0 = pid_k * BLOCK_K
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
+                           R_CHUNKS)
+        keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
+        acc = tl.where(keep, acc * drop_scale, 0.0)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        g = dy_desc.load([m0, n * BLOCK_N])  # dy tile [BM, BN]
+        w = w_desc.load([n * BLOCK_N, k0])  # W0 tile [BN, BK], read as stored (no transpose)
+        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+    if not HAS_DROPOUT:
+        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
+                           R_CHUNKS)
+    tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
 def lora_linear_bwd(
     dy: Tensor,
     x: Tensor,
@@ -914,11 +1124,15 @@ def lora_linear_bwd(
     needs_dx: bool,
     needs_dA: bool,
     needs_dB: bool,
+    *,
+    tma: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward; same contract as fused_lora.reference.lora_linear_bwd.
 
     dB is deterministic when torch.are_deterministic_algorithms_enabled(); otherwise the ds
-    kernel accumulates it with fp32 atomics, saving one read of dy."""
+    kernel accumulates it with fp32 atomics, saving one read of dy. tma: the dx GEMM's dy / W0
+    tiles by TMA in a launch of its own (_lora_bwd_dx_tma_kernel), where TMA can take them
+    (tma_unavailable); dA / dB stay in _lora_bwd_kernel."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     dy, weight = _tile_safe(dy), _tile_safe(weight)
@@ -931,7 +1145,7 @@ def lora_linear_bwd(
         # Degenerate sizes: every gradient is an empty sum.
         return dx.zero_(), dA.zero_(), dB.zero_()
     key1, key2, thresh, drop_scale = _dropout_args(dropout_p, seed)
-    BLOCK_R = _block_r(R)
+    BLOCK_R = _rank_block(R, x, lora_B)
     prec = _fp32_precision()
     b_fp32 = lora_B.dtype == torch.float32
     lora_prec = lora_precision(x.dtype, lora_B.dtype)
@@ -952,6 +1166,19 @@ def lora_linear_bwd(
                 BLOCK_R=BLOCK_R,
             )
         det_db = needs_dB and deterministic
+        if needs_dx and tma and not tma_unavailable(dy, weight):
+            dy_desc = TensorDescriptor(dy, list(dy.shape), list(dy.stride()), [32, 32])
+            w_desc = TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [32, 32])
+            _lora_bwd_dx_tma_kernel[
+                lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)
+            ](
+                dy_desc, w_desc, lora_A, ds, dx, dy, M, N, K, R, _m_key(M),
+                lora_A.stride(0), lora_A.stride(1), ds.stride(0), ds.stride(1), dx.stride(0), dx.stride(1),
+                key1, key2, thresh, drop_scale,
+                HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=prec, LORA_PRECISION=lora_prec,
+                EXPAND_R=_EXPAND_R, R_CHUNKS=triton.cdiv(R, _EXPAND_R),
+            )
+            needs_dx = False  # done: the launch below computes dA / dB only
         if needs_dx or needs_dA or det_db:
             def grid(META):
                 nr = triton.cdiv(R, BLOCK_R)

@@ -92,6 +92,7 @@ from fused_lora.kernels.lora_linear import (
     _m_key,
     lora_precision,
 )
+from fused_lora.kernels.target import gpu_of
 from fused_lora.routing import BLOCK_M as ROUTING_BLOCK_M
 from fused_lora.routing import RoutingView
 
@@ -136,10 +137,10 @@ def _gather_configs():
 def _prune_gather_configs(configs, named_args, **kwargs):
     """Decode on a GPU: keep the configs whose grid fills every SM at least once (one full
     wave), when any does; a 64-CTA grid on 132 SMs leaves half the HBM bandwidth unused."""
-    x = named_args.get("x_ptr")
-    if not (isinstance(x, Tensor) and x.is_cuda):
+    g = gpu_of(named_args.get("x_ptr"))
+    if g is None:
         return configs
-    return _full_wave(configs, named_args["M"], named_args["N"], _sm_count(x.device.index))
+    return _full_wave(configs, named_args["M"], named_args["N"], g.sms)
 
 
 def _full_wave(configs, M: int, N: int, n_sms: int):

@@ -90,7 +90,7 @@ def _plain_gemm_tma_kernel(
     a_desc, b_desc, c_ptr,
     M, N, K,
     stride_cm, stride_cn,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The structure of the TMA tutorial's kernel (09-persistent-matmul, matmul_kernel_tma): a
@@ -109,8 +109,12 @@ def _plain_gemm_tma_kernel(
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([offs_am, k * BLOCK_K])
-        b = b_desc.load([offs_bn, k * BLOCK_K])
-        accumulator = tl.dot(a, b.T, accumulator, input_precision=INPUT_PRECISION)
+        if B_KN:  # b [K, N] row-major (the dx GEMM's W0): tiles [BK, BN] as stored
+            b = b_desc.load([k * BLOCK_K, offs_bn])
+            accumulator = tl.dot(a, b, accumulator, input_precision=INPUT_PRECISION)
+        else:
+            b = b_desc.load([offs_bn, k * BLOCK_K])
+            accumulator = tl.dot(a, b.T, accumulator, input_precision=INPUT_PRECISION)
     c = accumulator.to(c_ptr.dtype.element_ty)
     offs_cm = offs_am + tl.arange(0, BLOCK_M)
     offs_cn = offs_bn + tl.arange(0, BLOCK_N)
@@ -118,21 +122,65 @@ def _plain_gemm_tma_kernel(
     tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
 
 
+@triton.jit
+def _plain_gemm_tma_persistent_kernel(
+    a_desc, b_desc, c_ptr,
+    M, N, K,
+    stride_cm, stride_cn,
+    INPUT_PRECISION: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # The structure of the tutorial's persistent TMA kernel (09-persistent-matmul,
+    # matmul_kernel_tma_persistent): min(NUM_SMS, tiles) programs walking the tiles; pointer
+    # store, and the tile loop not flattened into the K loop (no flatten=True), as ours: a
+    # flattened loop holds the epilogue too, and its instruction count is not per K step.
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_pid_in_group = GROUP_M * num_pid_n
+    for tile_id in tl.range(start, num_pid_m * num_pid_n, NUM_SMS):
+        group_id = tile_id // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        offs_am = pid_m * BLOCK_M
+        offs_bn = pid_n * BLOCK_N
+        accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_tiles):
+            a = a_desc.load([offs_am, k * BLOCK_K])
+            b = b_desc.load([offs_bn, k * BLOCK_K])
+            accumulator = tl.dot(a, b.T, accumulator, input_precision=INPUT_PRECISION)
+        c = accumulator.to(c_ptr.dtype.element_ty)
+        offs_cm = offs_am + tl.arange(0, BLOCK_M)
+        offs_cn = offs_bn + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
+        tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+
+
 def plain_gemm_tma(a: Tensor, b_nk: Tensor, *, block_m: int = 128, block_n: int = 128, block_k: int = 64,
                    group_m: int = 8, num_stages: int = 3, num_warps: int = 8,
-                   input_precision: str = "ieee") -> Tensor:
+                   input_precision: str = "ieee", num_sms: int = 0, b_kn: bool = False) -> Tensor:
     """c = a @ b_nk^T with TMA tile loads (a [M, K], b_nk [N, K], unit last strides), one fixed
-    config: the yardstick of the TMA forward (_lora_fwd_tma_kernel) in the audit."""
+    config: the yardstick of the TMA forwards in the audit (_lora_fwd_tma_kernel; with
+    num_sms > 0 the persistent one, _lora_fwd_tma_persistent_kernel, on that many programs).
+    b_kn: b_nk is [K, N] instead and c = a @ b_nk (the TMA dx GEMM's yardstick)."""
     M, K = a.shape
-    N = b_nk.shape[0]
+    N = b_nk.shape[1] if b_kn else b_nk.shape[0]
     c = torch.empty(M, N, device=a.device, dtype=a.dtype)
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, block_k])
-    b_desc = TensorDescriptor(b_nk, list(b_nk.shape), list(b_nk.stride()), [block_n, block_k])
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _plain_gemm_tma_kernel[grid](
-        a_desc, b_desc, c, M, N, K, c.stride(0), c.stride(1),
-        INPUT_PRECISION=input_precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_stages=num_stages, num_warps=num_warps,
-    )
+    b_desc = TensorDescriptor(b_nk, list(b_nk.shape), list(b_nk.stride()),
+                              [block_k, block_n] if b_kn else [block_n, block_k])
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                  num_stages=num_stages, num_warps=num_warps)
+    if num_sms:
+        _plain_gemm_tma_persistent_kernel[(min(num_sms, tiles),)](
+            a_desc, b_desc, c, M, N, K, c.stride(0), c.stride(1),
+            INPUT_PRECISION=input_precision, NUM_SMS=num_sms, **common)
+    else:
+        _plain_gemm_tma_kernel[(tiles,)](
+            a_desc, b_desc, c, M, N, K, c.stride(0), c.stride(1), INPUT_PRECISION=input_precision, B_KN=b_kn,
+            **common)
     return c

@@ -168,7 +168,8 @@ def test_linear_times_every_variant_by_entry_name(monkeypatch):
     fused = dict(run)
     assert {k: v for k, v in fused.items() if v} == {
         "fused_cuda": "cuda", "fused_cuda_mma": "cuda:mma", "fused_cuda_wgmma256": "cuda:wgmma256",
-        "fused_triton": "triton", "fused_triton_inloop": "triton:inloop", "fused_triton_tma": "triton:tma"}
+        "fused_triton": "triton", "fused_triton_inloop": "triton:inloop", "fused_triton_tma": "triton:tma",
+        "fused_triton_tma_persistent": "triton:tma_persistent"}
     # cuda:wgmma is what backend "cuda" picks where wgmma runs: timed once, as fused_cuda.
     assert "fused_cuda" in skip["fused_cuda_wgmma"] and "fused_torch" in skip
     seen = []

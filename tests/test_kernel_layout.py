@@ -189,23 +189,56 @@ def triton_cdiv(a, b):
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float16, torch.float16),
                                                  (torch.float16, torch.float32),
                                                  (torch.float32, torch.float32)], ids=str)
-@pytest.mark.parametrize("shape", [(37, 72, 50, 5), (64, 32, 129, 16), (5, 48, 40, 80)], ids=str)
-def test_tma_forward_matches_reference(shape, dtype, adapter_dtype):
-    # backend "triton:tma": x / W0 tiles by tensor descriptors (zero-filled past the edges),
-    # through the public functional API, forward and backward (the backward is the pointer one)
+@pytest.mark.parametrize("shape", [(37, 72, 50, 5), (64, 32, 129, 16), (5, 48, 40, 80), (130, 64, 100, 8)],
+                         ids=str)
+@pytest.mark.parametrize("persistent", [False, True], ids=["tma", "tma_persistent"])
+def test_tma_forward_matches_reference(shape, dtype, adapter_dtype, persistent):
+    # backends "triton:tma" / "triton:tma_persistent": x / W0 tiles by tensor descriptors
+    # (zero-filled past the edges), through the public functional API, forward and backward
+    # (the backward is the pointer one). The persistent kernel runs 3 programs under the
+    # interpreter: at 130 x 100 (5 x 4 tiles of 32) each walks 6-7 tiles, at 5 x 40 only two
+    # of them have a tile (the grid is min(programs, tiles)).
     import fused_lora
 
     M, K, N, R = shape
     x, w, b, a, bb = _args(M, K, N, R, dtype, adapter_dtype)
     assert L.tma_unavailable(x, w) == ""
-    y, xa = L.lora_linear_fwd(x, w, b, a, bb, 0.75, 0.0, 0, tma=True)
+    y, xa = L.lora_linear_fwd(x, w, b, a, bb, 0.75, 0.0, 0, tma=True, persistent=persistent)
     y64, _ = ref.lora_linear_fwd(x.double(), w.double(), b.double(), a.double(), bb.double(), 0.75, 0.0, 0)
     assert_close_2x(y, y64, _pt_fwd(x, w, b, a, bb, 0.75), "y")
     xg = x.clone().requires_grad_()
-    yk = fused_lora.lora_linear(xg, w, b, a, bb, 0.75, backend="triton:tma")
+    entry = "triton:tma_persistent" if persistent else "triton:tma"
+    yk = fused_lora.lora_linear(xg, w, b, a, bb, 0.75, backend=entry)
     torch.testing.assert_close(yk, y, rtol=0, atol=0)
     yk.sum().backward()
     assert xg.grad is not None and not torch.isnan(xg.grad).any()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float16, torch.float16),
+                                                 (torch.float16, torch.float32),
+                                                 (torch.float32, torch.float32)], ids=str)
+@pytest.mark.parametrize("shape", [(37, 72, 56, 5), (64, 32, 136, 16), (5, 48, 40, 80)], ids=str)
+def test_tma_dx_matches_reference(shape, dtype, adapter_dtype, p):
+    # the dx GEMM with dy / W0 tiles by TMA (_lora_bwd_dx_tma_kernel, a launch of its own; dA /
+    # dB from _lora_bwd_kernel without its dx programs), with and without dropout, against the
+    # fp64 reference, and dA / dB equal to the pointer backward's bit for bit
+    M, K, N, R = shape
+    x, w, b, a, bb = _args(M, K, N, R, dtype, adapter_dtype)
+    dy = torch.randn(M, N, dtype=dtype)
+    seed = 1234
+    _, xa = L.lora_linear_fwd(x, w, b, a, bb, 0.75, p, seed)
+    assert L.tma_unavailable(dy, w) == ""
+    got = L.lora_linear_bwd(dy, x, w, a, bb, xa, 0.75, p, seed, True, True, True, tma=True)
+    ptr = L.lora_linear_bwd(dy, x, w, a, bb, xa, 0.75, p, seed, True, True, True)
+    d = torch.float64
+    want = ref.lora_linear_bwd(dy.to(d), x.to(d), w.to(d), a.to(d), bb.to(d), xa.to(d), 0.75, p, seed,
+                               True, True, True)
+    pt = ref.lora_linear_bwd(dy, x, w, a, bb, xa, 0.75, p, seed, True, True, True)
+    assert_close_2x(got[0], want[0], pt[0], "dx")
+    torch.testing.assert_close(got[1], ptr[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], ptr[2], rtol=0, atol=0)
 
 
 @pytest.mark.interpreter
@@ -216,3 +249,61 @@ def test_tma_refuses_misaligned_operands_and_falls_back():
     y, _ = L.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, tma=True)
     y0, _ = L.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0)
     torch.testing.assert_close(y, y0, rtol=0, atol=0)
+
+
+def _cfgs(tiles):
+    import triton
+
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s,
+                          num_warps=w) for bm, bn, bk, s, w in tiles]
+
+
+def _tiles(cfgs):
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in cfgs]
+
+
+def test_prune_rules_follow_the_pinned_gpu():
+    # The prune functions keep what a launch on the target GPU would: off a GPU (unpinned) every
+    # config; pinned as the audit pins them, the arch's own rules (kernels/target.py).
+    from fused_lora.kernels import target
+
+    fwd = _cfgs([(128, 256, 64, 3, 8), (128, 128, 32, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4)])
+    x16 = a16 = torch.empty(2, 2, dtype=torch.bfloat16)
+    a32 = torch.empty(2, 2)
+    args = {"x_ptr": x16, "a_ptr": a16, "b_ptr": a16, "R": 16}
+    assert L._prune_fwd_configs(fwd, args, FUSE_SHRINK=True) == fwd  # unpinned CPU tensors
+    with target.pinned(target.AUDIT_GPUS[90]):
+        assert L._prune_fwd_configs(fwd, args, FUSE_SHRINK=True) == fwd
+        assert (32, 64, 128, 4) not in _tiles(L._prune_fwd_configs(fwd, {**args, "R": 64}))
+    with target.pinned(target.AUDIT_GPUS[80]):
+        kept = _tiles(L._prune_fwd_configs(fwd, args, FUSE_SHRINK=True))
+        assert (128, 256, 64, 8) not in kept and (128, 128, 32, 4) in kept
+        kept = _tiles(L._prune_fwd_configs(fwd, {**args, "R": 64, "a_ptr": a32, "b_ptr": a32}))
+        assert (128, 128, 32, 4) not in kept and (64, 64, 64, 4) in kept
+    # the shrink / ds configs at 64-rank blocks: no 256-deep tiles; with dropout 8 warps
+    small = [triton_config_small(bm, bk, w) for bm, bk, w in [(64, 128, 4), (128, 64, 4), (32, 256, 4),
+                                                              (128, 128, 8)]]
+    with target.pinned(target.AUDIT_GPUS[90]):
+        assert L._prune_small_configs(small, {"x_ptr": x16, "a_ptr": a16, "R": 16}, BLOCK_R=16) == small
+        kept = L._prune_small_configs(small, {"x_ptr": x16, "a_ptr": a16, "R": 64}, BLOCK_R=64,
+                                      HAS_DROPOUT=True)
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps) for c in kept] == [(128, 128, 8)]
+    # sm_80, fp32 adapters at r > 32: 32-rank blocks (the bf16 hi / lo parts live in registers)
+    with target.pinned(target.AUDIT_GPUS[80]):
+        assert L._rank_block(64, x16, a32) == 32 and L._rank_block(64, x16, a16) == 64
+    with target.pinned(target.AUDIT_GPUS[90]):
+        assert L._rank_block(64, x16, a32) == 64
+    assert L._rank_block(64, x16, a32) == 64  # unpinned CPU
+
+
+def triton_config_small(bm, bk, w):
+    import triton
+
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=3, num_warps=w)
+
+
+def test_dx_prune_keys_on_dropout():
+    # the backward's autotune key holds HAS_DROPOUT: its prune keeps other configs with dropout,
+    # so a choice cached without dropout must not be reused with it (and the shrink's likewise)
+    assert "HAS_DROPOUT" in L._lora_bwd_kernel.keys and "HAS_DROPOUT" in L._lora_shrink_kernel.keys
+    assert "HAS_DROPOUT" in L._lora_bwd_dx_tma_kernel.keys

@@ -2,13 +2,19 @@
 
 Entries (variants are named here, never read from the environment at launch):
 
-=========================  ===================================================================
-lora_linear  triton        shrink pre-kernel + GEMM with the expand in its accumulator
-lora_linear  triton:inloop the shrink inside the GEMM's K loop (no dropout, r <= 32, 16-bit adapters)
-lora_linear  triton:tma    the GEMM's x / W0 tiles loaded by TMA (sm_90+; Triton >= 3.4)
-multi        triton        path chosen from shapes (decode for M <= 64, else prefill/hybrid)
-multi        triton:decode / triton:prefill / triton:hybrid: that path at any M
-=========================  ===================================================================
+=====================================  =======================================================
+lora_linear  triton                    shrink pre-kernel + GEMM with the expand in its accumulator
+lora_linear  triton:inloop             the shrink inside the GEMM's K loop (no dropout, r <= 32,
+                                       16-bit adapters)
+lora_linear  triton:tma                the forward's x / W0 and the dx GEMM's dy / W0 tiles loaded
+                                       by TMA (sm_90+; Triton >= 3.4)
+lora_linear  triton:tma_persistent     the same, the forward persistent: one program per SM walks
+                                       the tiles
+multi        triton                    path chosen from shapes (decode for M <= 64, else
+                                       prefill/hybrid)
+multi        triton:decode / :prefill  that path at any M
+             / :hybrid
+=====================================  =======================================================
 
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set
 before triton is first imported), except bf16 there (see backends.unavailable_reason)."""
@@ -48,8 +54,12 @@ def _tma_reason(device: torch.device) -> str:
 
 
 register_kernel("lora_linear", "triton:tma", fwd=functools.partial(L.lora_linear_fwd, tma=True),
-                bwd=L.lora_linear_bwd, reason=_tma_reason,
-                doc="GEMM tiles by TMA (operands TMA cannot take: the pointer GEMM)")
+                bwd=functools.partial(L.lora_linear_bwd, tma=True), reason=_tma_reason,
+                doc="forward and dx GEMM tiles by TMA (operands TMA cannot take: the pointer GEMMs)")
+register_kernel("lora_linear", "triton:tma_persistent",
+                fwd=functools.partial(L.lora_linear_fwd, tma=True, persistent=True),
+                bwd=functools.partial(L.lora_linear_bwd, tma=True), reason=_tma_reason,
+                doc="persistent forward GEMM (one program per SM) with TMA tiles; TMA dx GEMM")
 
 for _path in (None, "decode", "prefill", "hybrid"):
     register_kernel(

@@ -1,4 +1,5 @@
-// Shared by the CUDA kernel files (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu): runtime
+// Shared by the CUDA kernel files (gemm.cu, lora_linear_cuda.cu, multi_lora_cuda.cu,
+// moe_lora_cuda.cu): runtime
 // dtype loaders, the GEMMs' initial-accumulator arguments (InitArgs), the mixed-adapter gather,
 // host helpers and the GEMM launcher's declaration.
 #pragma once
@@ -72,13 +73,46 @@ struct InitArgs {
   // Grouped GEMM (MoE; launch_grouped_gemm only, nullptr elsewhere): the logical rows (sorted
   // positions; physical row row_map[i]) are cut into tiles of one group each. Tile t covers
   // logical rows [tiles[t], tiles[n_tiles + t]) of group g = tiles[2 n_tiles + t]; g = -1: rows
-  // of no group, whose outputs are written as exact zeros; an empty range: an idle tile. Q, Rt
-  // and bias are stacks indexed by g (strides sq_g, srt_s, sbias_g; Rt without ids).
+  // of no group, whose outputs are written as exact zeros; an empty range: an idle tile. Group g
+  // is a virtual expert (lora.h, MoeGroups `groups`): Q and bias are stacks indexed by its base
+  // expert e (strides sq_g, sbias_g), Rt a bank indexed by its adapter a and e (strides srt_a,
+  // srt_s; Rt without ids), row_scale (when given) indexed by a; a < 0 (a bank's base-only ids):
+  // no LoRA term. P's row of physical row pm is pm / p_topk (x [T, K] read for the op's
+  // M = T * topk rows; p_topk <= 1: pm itself); C, L, the bias and the dropout mask take pm.
   const int* tiles;
   int n_tiles;
   int64_t sq_g;
   int64_t sbias_g;
+  MoeGroups groups;
+  int64_t srt_a;
+  int p_topk;
 };
+
+// What a grouped-GEMM tile of group g reads (InitArgs: the grouped GEMM's fields); the default
+// is the ungrouped GEMM's (expert 0, its one LoRA term).
+struct TileGroup {
+  int64_t expert = 0;      // Q / bias index
+  int64_t rt_off = 0;      // offset of the group's Rt in the bank
+  float lora_scale = 1.f;  // row_scale[adapter] or 1
+  bool lora = true;        // false: the base alone (init = bias)
+};
+
+__device__ __forceinline__ TileGroup tile_group(const InitArgs& ia, int64_t g) {
+  TileGroup tg;
+  tg.expert = ia.groups.expert(g);
+  const int64_t a = ia.groups.adapter(g);
+  tg.lora = a >= 0;
+  if (tg.lora) {
+    tg.rt_off = a * ia.srt_a + tg.expert * ia.srt_s;
+    tg.lora_scale = ia.row_scale != nullptr ? ia.row_scale[a] : 1.f;
+  }
+  return tg;
+}
+
+// P's row for physical row pm of a grouped GEMM (InitArgs::p_topk).
+__device__ __forceinline__ int64_t grouped_p_row(const InitArgs& ia, int64_t pm) {
+  return ia.p_topk > 1 ? pm / ia.p_topk : pm;
+}
 
 // Live ranks of slot `id` (ids already range-checked).
 __device__ __forceinline__ int live_ranks(const int64_t* ranks, int64_t id, int R) {
@@ -168,12 +202,14 @@ void launch_gemm(const at::Tensor& P, const at::Tensor& Q, bool q_nk, at::Tensor
                  const InitArgs& ia, int64_t gemm, fl_stream_t stream);
 
 // Grouped GEMM (gemm.cu; the MoE ops): for every tile t of ia.tiles (see InitArgs) of group g
-// >= 0 and each logical row i of it, C[row_map[i], j] = init + sum_k P[row_map[i], k] Q[g, j, k]
-// (init as launch_gemm's, with Rt / bias of group g); rows of group -1 get C = 0. P [M, K];
-// Q [G, N, K] any strides (its [N, K] face is read k-contiguous or n-contiguous in place, else
-// copied); C [M, N]. The caller builds ia.tiles with grouped_gemm_rows(P's dtype) rows per tile
-// and sets ia.row_map; ia.sq_g is set here. No split-K and no GEMV: tensor cores for fp16/bf16
-// (gemm resolved as for launch_gemm), SIMT fp32 otherwise.
+// >= 0 (base expert e) and each logical row i of it, with pm = row_map[i],
+// C[pm, j] = init + sum_k P[pm / p_topk, k] Q[e, j, k] (init as launch_gemm's, with the Rt /
+// bias / scale of group g: tile_group); rows of group -1 get C = 0. P [M / p_topk, K];
+// Q [E, N, K] any strides (its [N, K] face is read k-contiguous or n-contiguous in place, else
+// copied); C [M, N] in P's dtype, or fp32 and contiguous for fp16/bf16 P (the unrounded sums: a
+// top-k dx summed per token afterwards). The caller builds ia.tiles with grouped_gemm_rows(P's
+// dtype) rows per tile and sets ia.row_map and ia.groups; ia.sq_g is set here. No split-K and
+// no GEMV: tensor cores for fp16/bf16 (gemm resolved as for launch_gemm), SIMT fp32 otherwise.
 void launch_grouped_gemm(const at::Tensor& P, const at::Tensor& Q, at::Tensor& C,
                          const InitArgs& ia, int64_t gemm, fl_stream_t stream);
 int64_t grouped_gemm_rows(at::ScalarType t);

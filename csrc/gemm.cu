@@ -318,7 +318,10 @@ __device__ __forceinline__ bool grouped_tile(const InitArgs& ia, int tile, T* __
 // chunks past M, N or K are zero-filled by cp.async without touching memory; otherwise every
 // chunk goes through scalar loads (a K % 8 != 0 or misaligned operand); stores are masked.
 // GROUPED (launch_grouped_gemm): the block's rows are its tile of InitArgs::tiles (x-index =
-// tile) and Q, Rt, bias those of the tile's group; never split.
+// tile) and Q, Rt, bias those of the tile's group (TileGroup: the base expert's Q and bias, the
+// adapter x expert bank entry's Rt), P's rows m / p_topk; never split. ptxas (sm_90a): 247-249
+// registers (240 before the banks / top-k row map), no spills; wgmma grouped: 190-191 (TN=128,
+// was 172-176) and 211 / 255 (TN=256, was 255), no spills.
 template <typename T, bool Q_NK, bool GROUPED = false>
 __global__ void __launch_bounds__(256) gemm_tc_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,

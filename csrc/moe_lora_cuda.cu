@@ -28,21 +28,12 @@
 //
 // Names here carry a moe_ prefix: the emulator build (tools/simt_emu) compiles every .cu file
 // of csrc/ into one translation unit, so they must not collide with the other files' helpers.
+// Helpers both this file and multi_lora_cuda.cu use (the sorted-row reductions' steps, the
+// routing sort, load_run8, vec_ok) live in cuda_common.cuh.
 #include "cuda_common.cuh"
 
 namespace fused_lora {
 namespace {
-
-// The first position p with keys[p] >= v (keys sorted).
-__device__ __forceinline__ int64_t moe_lower_bound(const int64_t* keys, int64_t n,
-                                                  int64_t v) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (keys[mid] < v) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
 
 // ---- tile table --------------------------------------------------------------------------------
 // tiles [3, T] (int32): tile t covers sorted positions [row0, row1) of group g (InitArgs::tiles):
@@ -63,8 +54,8 @@ __global__ void __launch_bounds__(kMoeTileThreads) moe_tiles_kernel(
     const int64_t g = g0 + tid;
     int64_t s = 0, e = 0, n = 0;
     if (g < E) {
-      s = moe_lower_bound(keys, M, g);
-      e = moe_lower_bound(keys, M, g + 1);
+      s = sorted_lower_bound(keys, M, g);
+      e = sorted_lower_bound(keys, M, g + 1);
       n = e > s ? (e - s + bm - 1) / bm : 0;
     }
     scan[tid] = n;
@@ -108,7 +99,8 @@ __global__ void __launch_bounds__(kMoeTileThreads) moe_tiles_kernel(
 constexpr int kMoeShrinkRows = 32;
 
 // __launch_bounds__(256, 2): with (256) alone ptxas holds it at 40 registers on sm_80 and spills
-// 8 bytes; (256, 2) allows 128: it takes 70 on sm_80 and sm_90a, no spills.
+// 8 bytes; (256, 2) allows 128: it took 70 on sm_80 and sm_90a, 72 on sm_90a with the banks'
+// (a, e) indexing and the top-k row map (sm_80 not re-measured), no spills.
 __global__ void __launch_bounds__(256, 2) moe_shrink_kernel(
     const void* __restrict__ P, int p_dt, int64_t sp_m, int64_t sp_k, int p_topk,
     const void* __restrict__ A, int a_dt, int64_t sa_a, int64_t sa_g, int64_t sa_r, int64_t sa_k,
@@ -206,26 +198,9 @@ __global__ void __launch_bounds__(256) moe_finalize_kernel(
 // chunk is that group's whole sum and is written straight to out; a group spanning chunks
 // c1 < c2 leaves one fp32 partial per chunk, at 2c when it is the chunk's first segment, else
 // 2c+1, which moe_reduce_finalize_kernel sums in chunk order (deterministic, no float atomics),
-// also writing the zeros of absent groups. Z is staged 32 rows x 64 columns at a time, one
-// 8-column run per thread (16-byte loads when Z's rows allow).
-
-// v[e] = p[i + e*stride] for e < n, 0 past n; vec (stride 1, aligned, n == 8): 16-byte loads.
-__device__ __forceinline__ void moe_load_run8(const void* p, int64_t i, int64_t stride, int dt,
-                                              bool vec, int n, float* v) {
-  if (vec && n == 8) {
-    if (dt == kF32) {
-      const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
-      const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4);
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    } else {
-      load8(p, i, dt, true, v);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = e < n ? ldf(p, i + e * stride, dt) : 0.f;
-  }
-}
+// also writing the zeros of absent groups. The steps shared with those (cuda_common.cuh):
+// sorted_reduce_step stages 32 rows x 64 columns of Z at a time, one 8-column run per thread
+// (16-byte loads when Z's rows allow), sorted_partials_sum adds the partials.
 
 // __launch_bounds__(256, 2): as sorted_slot_reduce_kernel's (no register cap at 80).
 __global__ void __launch_bounds__(256, 2) moe_reduce_kernel(
@@ -235,81 +210,37 @@ __global__ void __launch_bounds__(256, 2) moe_reduce_kernel(
     const float* __restrict__ g_scale, void* __restrict__ out, int out_dt, int64_t so_a,
     int64_t so_e, int64_t so_r, int64_t so_j, float* __restrict__ part, int M, int J, int R,
     int CH, float alpha) {
-  __shared__ float Zs[32][64];
-  __shared__ float Ls[32][16 + 1];
-  __shared__ int64_t rows[32];
+  __shared__ SortedReduceSmem sm;
   const int tid = threadIdx.x;
   const int64_t c = blockIdx.x;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * 64;
   const int r0 = blockIdx.z * 16;
-  const int rr = tid >> 4, jj = tid & 15;
+  const int rr = tid >> 4;
   // First sorted position of a group with a LoRA term (base-only ids and rows of no expert
   // sort before it).
-  const int64_t v0 = moe_lower_bound(keys, M, groups.first_lora());
+  const int64_t v0 = sorted_lower_bound(keys, M, groups.first_lora());
   const int64_t p0 = v0 + c * CH;
   if (p0 >= M) return;
   const int64_t pend = min(static_cast<int64_t>(M), p0 + CH);
-  for (int64_t pos = p0; pos < pend;) {  // one expert segment per trip (block-uniform)
+  for (int64_t pos = p0; pos < pend;) {  // one group segment per trip (block-uniform)
     const int64_t ex = keys[pos];
-    const int64_t seg_end = moe_lower_bound(keys, M, ex + 1);
-    const int64_t seg_begin = pos == p0 ? moe_lower_bound(keys, M, ex) : pos;
+    const int64_t seg_end = sorted_lower_bound(keys, M, ex + 1);
+    const int64_t seg_begin = pos == p0 ? sorted_lower_bound(keys, M, ex) : pos;
     const int64_t e = min(seg_end, pend);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t mc = pos; mc < e; mc += 32) {
       const int nr = static_cast<int>(min(static_cast<int64_t>(32), e - mc));
-      if (tid < nr) rows[tid] = order[mc + tid];
-      __syncthreads();
-      {  // 32 rows x 64 columns: one 8-column run per thread
-        const int zm = tid >> 3, zj = (tid & 7) * 8;
-        const int64_t j = j0 + zj;
-        const int n = zm < nr ? static_cast<int>(max(static_cast<int64_t>(0),
-                                                     min(static_cast<int64_t>(8), J - j)))
-                              : 0;
-        const int64_t m = zm < nr ? rows[zm] : 0;
-        const int64_t zrow = z_topk > 1 ? m / z_topk : m;
-        float v[8];
-        moe_load_run8(Z, zrow * sz_m + j * sz_j, sz_j, z_dt, vec_z != 0, n, v);
-        if (drop.on) {
-#pragma unroll
-          for (int q = 0; q < 8; ++q)
-            if (q < n && !keep(m * J + j + q, drop.k1, drop.k2, drop.thresh)) v[q] = 0.f;
-        }
-#pragma unroll
-        for (int q = 0; q < 8; ++q) Zs[zm][zj + q] = v[q];
-      }
-      for (int i = tid; i < 32 * 16; i += 256) {
-        const int lm = i >> 4, lr = i & 15;
-        const int r = r0 + lr;
-        Ls[lm][lr] = (lm < nr && r < R) ? L[rows[lm] * sl_m + r * sl_r] : 0.f;
-      }
-      __syncthreads();
-      for (int k = 0; k < nr; ++k) {
-        const float l = Ls[k][rr];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[q] = fmaf(l, Zs[k][jj + 16 * q], acc[q]);
-      }
-      __syncthreads();
+      sorted_reduce_step(acc, sm, order, mc, nr, L, sl_m, sl_r, r0, R, Z, z_dt, sz_m, sz_j,
+                         vec_z != 0, z_topk, drop, j0, J);
     }
     const int r = r0 + rr;
     if (r < R) {
       const int64_t c1 = (seg_begin - v0) / CH, c2 = (seg_end - 1 - v0) / CH;
-      if (c1 == c2) {
-        const int64_t a = groups.adapter(ex);
-        const int64_t o = a * so_a + groups.expert(ex) * so_e;
-        const float sc = alpha * (g_scale != nullptr ? g_scale[a] : 1.f);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t j = j0 + jj + 16 * q;
-          if (j < J) stf(out, o + r * so_r + j * so_j, out_dt, acc[q] * sc);
-        }
-      } else {
-        const int64_t idx = 2 * c + (pos == p0 ? 0 : 1);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t j = j0 + jj + 16 * q;
-          if (j < J) part[(idx * R + r) * J + j] = acc[q];
-        }
-      }
+      const int64_t a = groups.adapter(ex);
+      const float sc = alpha * (g_scale != nullptr ? g_scale[a] : 1.f);
+      sorted_reduce_store(acc, c1 == c2, out, out_dt,
+                          a * so_a + groups.expert(ex) * so_e + r * so_r, so_j, sc, part,
+                          2 * c + (pos == p0 ? 0 : 1), R, J, r, j0);
     }
     pos = e;
   }
@@ -329,9 +260,9 @@ __global__ void __launch_bounds__(256) moe_reduce_finalize_kernel(
   const int64_t ad = groups.adapter(ex);
   const int64_t o_g = ad * so_a + groups.expert(ex) * so_e;
   if (threadIdx.x == 0) {
-    seg[0] = moe_lower_bound(keys, M, groups.first_lora());
-    seg[1] = moe_lower_bound(keys, M, ex);
-    seg[2] = moe_lower_bound(keys, M, ex + 1);
+    seg[0] = sorted_lower_bound(keys, M, groups.first_lora());
+    seg[1] = sorted_lower_bound(keys, M, ex);
+    seg[2] = sorted_lower_bound(keys, M, ex + 1);
   }
   __syncthreads();
   const int64_t v0 = seg[0], a = seg[1], b = seg[2];
@@ -347,10 +278,8 @@ __global__ void __launch_bounds__(256) moe_reduce_finalize_kernel(
     if (!present) {
       stf(out, o, out_dt, 0.f);
     } else if (c1 < c2) {
-      const int64_t first = 2 * c1 + (a == v0 + c1 * CH ? 0 : 1);
-      float v = part[(first * R + r) * J + j];
-      for (int64_t cc = c1 + 1; cc <= c2; ++cc) v += part[(2 * cc * R + r) * J + j];
-      stf(out, o, out_dt, v * (alpha * (g_scale != nullptr ? g_scale[ad] : 1.f)));
+      const float sc = alpha * (g_scale != nullptr ? g_scale[ad] : 1.f);
+      stf(out, o, out_dt, sorted_partials_sum(part, a, v0, CH, c1, c2, R, J, r, j) * sc);
     }  // else: written by the chunk's program
   }
 }
@@ -395,12 +324,7 @@ MoeRouting moe_routing(const at::Tensor& x, const MoeDims& md, const at::Tensor&
     mr.order = *order;  // contiguous (checked)
     mr.keys = *keys;
   } else {
-    const auto ids = expert_ids.contiguous();
-    const auto valid = ids.ge(0).logical_and(ids.lt(G));
-    const auto keyed = at::where(valid, ids, at::full({}, -1, ids.options()));
-    auto sorted = at::sort(keyed, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    mr.keys = std::get<0>(sorted).contiguous();
-    mr.order = std::get<1>(sorted).contiguous();
+    sort_routing(expert_ids.contiguous(), G, mr.order, mr.keys);
   }
   if (!need_tiles) return mr;
   mr.bm = static_cast<int>(grouped_gemm_rows(x.scalar_type()));
@@ -459,11 +383,6 @@ void launch_moe_shrink(const at::Tensor& P, int64_t p_topk, const at::Tensor& A,
               out.stride(0), alpha);
 }
 
-bool moe_vec_ok(const at::Tensor& t, int64_t row_stride, int64_t unit_stride) {
-  const int64_t el = t.element_size() == 4 ? 4 : 8;  // elements per 16 bytes
-  return t.scalar_type() != at::kDouble && unit_stride == 1 && aligned16(t) &&
-         row_stride % el == 0;
-}
 
 // out (a bank [S, E, ...]; so: its strides as (a, e, r, j)) = alpha gs(a) sum_{rows of each
 // group with a LoRA term} L[m, r] drop(Z)(m / z_topk, j); gs(a) = g_scale[a] (nullptr: 1).
@@ -478,22 +397,14 @@ void launch_moe_reduce(const at::Tensor& L, const at::Tensor& Z, int64_t z_topk,
   TORCH_CHECK((J + 63) / 64 <= 65535 && (R + 15) / 16 <= 65535,
               "in/out features must be < 2^22 and r < 2^20 for the CUDA backward");
   TORCH_CHECK(R * J < (int64_t(1) << 40), "lora rank x features too large");
-  // Chunks of the sorted rows: ~4 programs per SM over (chunks, J/64, R/16), each chunk >= 32
-  // rows, as few as that allows (fewer partials to sum).
-  const int64_t nb = ((J + 63) / 64) * ((R + 15) / 16);
-  const int64_t target = 4 * static_cast<int64_t>(fl_sm_count());
-  int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>((target + nb - 1) / nb, (M + 31) / 32));
-  const int64_t CH = ((M + chunks - 1) / chunks + 31) / 32 * 32;
-  chunks = (M + CH - 1) / CH;
-  TORCH_CHECK(CH <= 2147483647 && chunks <= 2147483647, "x: M must be < 2^31");
+  const auto [chunks, CH] = sorted_reduce_chunks(M, J, R);
   at::Tensor part;  // [2 * chunks, R, J]: only groups spanning chunks use it
   if (chunks > 1) part = fl_empty({2 * chunks, R, J}, L.options().dtype(at::kFloat));
   float* part_p = chunks > 1 ? part.data_ptr<float>() : nullptr;
   const dim3 grid(static_cast<unsigned>(chunks), cdiv(J, 64), cdiv(R, 16));
   FL_LAUNCH(moe_reduce_kernel, grid, 256, 0, stream,
       L.data_ptr<float>(), L.stride(0), L.stride(1), Z.data_ptr(), dt_code(Z.scalar_type()),
-      Z.stride(0), Z.stride(1), moe_vec_ok(Z, Z.stride(0), Z.stride(1)) ? 1 : 0,
+      Z.stride(0), Z.stride(1), vec_ok(Z, {Z.stride(0)}, Z.stride(1), Z.element_size() == 4 ? 4 : 8) ? 1 : 0,
       static_cast<int>(z_topk), drop, mr.keys_p(), mr.order_p(), md.groups(), g_scale,
       out.data_ptr(), dt_code(out.scalar_type()), so.a, so.e, so.r, so.k, part_p,
       static_cast<int>(M), static_cast<int>(J), static_cast<int>(R), static_cast<int>(CH),

@@ -121,11 +121,12 @@ struct InitSmem {
 // time (up to MAX_SLOT_PASSES slots, each an r-deep pass over only its own rows); rows of further
 // slots fall back to a per-element gather. With rows sorted by slot (row_map), a tile holds one
 // or two slots. Called by all 256 threads (it has barriers); row_pm must be written before.
-// grp: the tile's group (grouped GEMM: Rt and bias of that group), else 0.
+// tg: the tile's group (grouped GEMM: Rt, scale and bias of that group, or no LoRA term at
+// all), else the default (expert 0, its one LoRA term).
 template <class Frag, class Smem>
 __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, const Smem& sm,
                                           int64_t m0, int64_t n0, int M, int N,
-                                          int64_t grp = 0) {
+                                          const TileGroup& tg = TileGroup{}) {
   const int tid = threadIdx.x;
 #pragma unroll
   for (int ri = 0; ri < Frag::RI; ++ri)
@@ -173,13 +174,14 @@ __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, co
   };
 
   if (ia.ids == nullptr) {
-    rank_pass(
-        ia.R,
-        [&](int mm, int r) -> float {
-          const int64_t m = m0 + mm;
-          return m < M ? ia.L[sm.row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
-        },
-        [&](int nn, int r) -> float { return load_rt(grp * ia.srt_s, nn, r); });
+    if (tg.lora)  // block-uniform; a bank's base-only tile has no term (init = bias exactly)
+      rank_pass(
+          ia.R,
+          [&](int mm, int r) -> float {
+            const int64_t m = m0 + mm;
+            return m < M ? ia.L[sm.row_pm[mm] * ia.sl_m + r * ia.sl_r] : 0.f;
+          },
+          [&](int nn, int r) -> float { return load_rt(tg.rt_off, nn, r); });
   } else {
     if (tid < BM) {
       const int64_t m = m0 + tid;
@@ -211,7 +213,9 @@ __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, co
       __syncthreads();
     }
   }
-  // alpha, dropout, the gather fallback for rows of slots past MAX_SLOT_PASSES, bias.
+  // alpha (times the group's scale: scale * slot_scales[a] as one fp32 factor, as the
+  // reference's), dropout, the gather fallback for rows of slots past MAX_SLOT_PASSES, bias.
+  const float alpha = ia.ids == nullptr ? ia.alpha * tg.lora_scale : ia.alpha;
 #pragma unroll
   for (int ri = 0; ri < Frag::RI; ++ri) {
     const int mm = fr.row(ri);
@@ -227,9 +231,10 @@ __device__ __forceinline__ void tile_init(const Frag& fr, const InitArgs& ia, co
         if (n >= N) continue;
         float v = fr.at(ri, cj, e);
         if (gather) v += gather_sum(ia, pm, n);
-        v *= ia.alpha;
+        v *= alpha;
         if (ia.drop.on && !keep(pm * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) v = 0.f;
-        if (ia.bias != nullptr) v += ldf(ia.bias, grp * ia.sbias_g + n * ia.s_bias, ia.bias_dt);
+        if (ia.bias != nullptr)
+          v += ldf(ia.bias, tg.expert * ia.sbias_g + n * ia.s_bias, ia.bias_dt);
         fr.at(ri, cj, e) = v;
       }
   }
@@ -266,27 +271,35 @@ __device__ __forceinline__ void tile_store(const Frag& fr, T* __restrict__ C, in
   }
 }
 
-// Grouped GEMM (InitArgs::tiles): this block's tile as logical rows [m0, m_end) of group grp.
-// False for an idle tile. A tile of group -1 (rows of no group) is written here as zeros and
-// also answers false. Block-uniform; called before any barrier.
+// Grouped GEMM (InitArgs::tiles): this block's tile as logical rows [m0, m_end) of the group
+// tg describes (tile_group). False for an idle tile. A tile of group -1 (rows of no group) is
+// written here as zeros (to the fp32 rows of `part` [M, N] when given, else to C) and also
+// answers false. Block-uniform; called before any barrier.
 template <typename T>
 __device__ __forceinline__ bool grouped_tile(const InitArgs& ia, int tile, T* __restrict__ C,
-                                             int64_t ldc, int64_t n0, int tn, int N, int64_t& m0,
-                                             int& m_end, int64_t& grp) {
+                                             int64_t ldc, float* __restrict__ part, int64_t n0,
+                                             int tn, int N, int64_t& m0, int& m_end,
+                                             TileGroup& tg) {
   m0 = ia.tiles[tile];
   m_end = ia.tiles[ia.n_tiles + tile];
-  grp = ia.tiles[2 * ia.n_tiles + tile];
+  const int64_t grp = ia.tiles[2 * ia.n_tiles + tile];
   if (m0 >= m_end) return false;
   if (grp < 0) {
     const int64_t cells = (m_end - m0) * tn;
     for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) {
       const int64_t n = n0 + i % tn;
       if (n >= N) continue;
-      T& c = C[ia.row_map[m0 + i / tn] * ldc + n];
-      if constexpr (std::is_same_v<T, float>) c = 0.f; else c = from_f<T>(0.f);
+      const int64_t pm = ia.row_map[m0 + i / tn];
+      if (part != nullptr) {
+        part[pm * N + n] = 0.f;
+      } else {
+        T& c = C[pm * ldc + n];
+        if constexpr (std::is_same_v<T, float>) c = 0.f; else c = from_f<T>(0.f);
+      }
     }
     return false;
   }
+  tg = tile_group(ia, grp);
   return true;
 }
 
@@ -305,7 +318,10 @@ __device__ __forceinline__ bool grouped_tile(const InitArgs& ia, int tile, T* __
 // chunks past M, N or K are zero-filled by cp.async without touching memory; otherwise every
 // chunk goes through scalar loads (a K % 8 != 0 or misaligned operand); stores are masked.
 // GROUPED (launch_grouped_gemm): the block's rows are its tile of InitArgs::tiles (x-index =
-// tile) and Q, Rt, bias those of the tile's group; never split.
+// tile) and Q, Rt, bias those of the tile's group (TileGroup: the base expert's Q and bias, the
+// adapter x expert bank entry's Rt), P's rows m / p_topk; never split. ptxas (sm_90a): 247-249
+// registers (240 before the banks / top-k row map), no spills; wgmma grouped: 190-191 (TN=128,
+// was 172-176) and 211 / 255 (TN=256, was 255), no spills.
 template <typename T, bool Q_NK, bool GROUPED = false>
 __global__ void __launch_bounds__(256) gemm_tc_kernel(
     const T* __restrict__ P, int64_t ldp, int vec_p, const T* __restrict__ Q, int64_t ldq,
@@ -322,12 +338,15 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   int64_t m0 = static_cast<int64_t>(tile_m) * BM;
   const int64_t n0 = static_cast<int64_t>(tile_n) * BN;
   int m_end = M;     // logical rows of this tile: [m0, m_end)
-  int64_t grp = 0;
+  TileGroup tg;
   if constexpr (GROUPED) {
-    if (!grouped_tile(ia, tile_m, C, ldc, n0, BN, N, m0, m_end, grp)) return;
-    Q += grp * ia.sq_g;
+    if (!grouped_tile(ia, tile_m, C, ldc, part, n0, BN, N, m0, m_end, tg)) return;
+    Q += tg.expert * ia.sq_g;
   }
   auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
+  auto p_row = [&](int64_t m) -> int64_t {  // P's row (grouped: x[m // topk])
+    if constexpr (GROUPED) return grouped_p_row(ia, phys(m)); else return phys(m);
+  };
   if (tid < BM) sm.row_pm[tid] = m0 + tid < m_end ? phys(m0 + tid) : 0;  // read after init's sync
 
   // ---- operand stages ------------------------------------------------------------------------
@@ -339,7 +358,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
   for (int it = 0; it < 2; ++it) {
     const int64_t gm = m0 + (tid >> 2) + it * 64;
     prow_ok[it] = gm < m_end;
-    prow[it] = prow_ok[it] ? P + phys(gm) * ldp : P;
+    prow[it] = prow_ok[it] ? P + p_row(gm) * ldp : P;
   }
   auto load_stage = [&](int stage, int64_t k0) {
     T* as = As + stage * A_STAGE;
@@ -382,7 +401,7 @@ __global__ void __launch_bounds__(256) gemm_tc_kernel(
 
   float acc[4][4][4];
   const MmaFrag fr{acc, warp >> 2, warp & 3, lane >> 2, lane & 3};  // warp tile (wm*64, wn*32)
-  tile_init(fr, ia, sm, m0, n0, m_end, N, grp);
+  tile_init(fr, ia, sm, m0, n0, m_end, N, tg);
 
   // ---- main loop -----------------------------------------------------------------------------
   // ldmatrix addresses: lane l gives row l%8 of 8x8 matrix l/8. A (16x16 at (r, k)): matrices
@@ -507,12 +526,15 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
   int64_t m0 = static_cast<int64_t>(tile_m) * BM;
   const int64_t n0 = static_cast<int64_t>(tile_n) * TN;
   int m_end = M;  // logical rows of this tile: [m0, m_end)
-  int64_t grp = 0;
+  TileGroup tg;
   if constexpr (GROUPED) {
-    if (!grouped_tile(ia, tile_m, C, ldc, n0, TN, N, m0, m_end, grp)) return;
-    Q += grp * ia.sq_g;
+    if (!grouped_tile(ia, tile_m, C, ldc, part, n0, TN, N, m0, m_end, tg)) return;
+    Q += tg.expert * ia.sq_g;
   }
   auto phys = [&](int64_t m) -> int64_t { return ia.row_map != nullptr ? ia.row_map[m] : m; };
+  auto p_row = [&](int64_t m) -> int64_t {  // P's row (grouped: x[m // topk])
+    if constexpr (GROUPED) return grouped_p_row(ia, phys(m)); else return phys(m);
+  };
   if (tid < BM) sm.row_pm[tid] = m0 + tid < m_end ? phys(m0 + tid) : 0;
 
   // P: 128 rows x 8 chunks = 1024 chunks, 4 per thread: chunk tid & 7 of rows tid/8 + 32 it.
@@ -523,7 +545,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
   for (int it = 0; it < 4; ++it) {
     const int64_t gm = m0 + (tid >> 3) + it * 32;
     prow_ok[it] = gm < m_end;
-    prow[it] = prow_ok[it] ? P + phys(gm) * ldp : P;
+    prow[it] = prow_ok[it] ? P + p_row(gm) * ldp : P;
   }
   auto load_stage = [&](int stage, int64_t k0) {
     T* as = As + stage * WG_TILE_A;
@@ -575,7 +597,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
   const WgFrag<TN> fr{acc, wg, warp & 3, lane >> 2, lane & 3};
   if constexpr (TN == 128) {
     const WgFrag<TN> fi{ini, wg, warp & 3, lane >> 2, lane & 3};
-    tile_init(fi, ia, sm, m0, n0, m_end, N, grp);
+    tile_init(fi, ia, sm, m0, n0, m_end, N, tg);
   }
 #pragma unroll
   for (int i = 0; i < NA; ++i) acc[i] = 0.f;
@@ -617,7 +639,7 @@ __global__ void __launch_bounds__(256, 1) gemm_wgmma_kernel(
     __syncthreads();  // every warpgroup's MMAs have read their last stage
 #pragma unroll
     for (int i = 0; i < NA; ++i) park[i * 256 + tid] = acc[i];
-    tile_init(fr, ia, sm, m0, n0, m_end, N, grp);  // zeroes acc first; has barriers
+    tile_init(fr, ia, sm, m0, n0, m_end, N, tg);  // zeroes acc first; has barriers
 #pragma unroll
     for (int i = 0; i < NA; ++i) acc[i] += park[i * 256 + tid];
   }
@@ -652,20 +674,29 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(
   __shared__ float Ps[16][64 + 1];
   __shared__ float Qs[16][64 + 1];
   __shared__ int64_t rows_pm[GROUPED ? 64 : 1];  // physical rows of the tile (GROUPED)
+  __shared__ int64_t rows_p[GROUPED ? 64 : 1];   // their rows of P (x[m // topk])
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   int64_t m0 = static_cast<int64_t>(blockIdx.x) * 64;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * 64;
   int m_end = M;  // logical rows [m0, m_end); physical row pm(m)
-  int64_t grp = 0;
+  TileGroup tg;
   if constexpr (GROUPED) {
-    if (!grouped_tile(ia, static_cast<int>(blockIdx.x), C, ldc, n0, 64, N, m0, m_end, grp))
+    if (!grouped_tile(ia, static_cast<int>(blockIdx.x), C, ldc, static_cast<float*>(nullptr),
+                      n0, 64, N, m0, m_end, tg))
       return;
-    Q += grp * ia.sq_g;
-    if (tid < 64) rows_pm[tid] = m0 + tid < m_end ? ia.row_map[m0 + tid] : 0;
+    Q += tg.expert * ia.sq_g;
+    if (tid < 64) {
+      const int64_t r = m0 + tid < m_end ? ia.row_map[m0 + tid] : 0;
+      rows_pm[tid] = r;
+      rows_p[tid] = grouped_p_row(ia, r);
+    }
     __syncthreads();
   }
   auto pm = [&](int64_t m) -> int64_t {
     if constexpr (GROUPED) return rows_pm[m - m0]; else return m;
+  };
+  auto p_row = [&](int64_t m) -> int64_t {
+    if constexpr (GROUPED) return rows_p[m - m0]; else return m;
   };
   float acc[4][4];
 #pragma unroll
@@ -676,7 +707,7 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(
     for (int i = tid; i < 64 * 16; i += 256) {
       const int kk = i & 15, rr = i >> 4;
       const int64_t k = k0 + kk, m = m0 + rr, n = n0 + rr;
-      Ps[kk][rr] = (m < m_end && k < K) ? P[pm(m) * sp_m + k * sp_k] : 0.f;
+      Ps[kk][rr] = (m < m_end && k < K) ? P[p_row(m) * sp_m + k * sp_k] : 0.f;
       Qs[kk][rr] = (n < N && k < K) ? Q[n * sq_n + k * sq_k] : 0.f;
     }
     __syncthreads();
@@ -705,15 +736,16 @@ __global__ void __launch_bounds__(256) gemm_simt_kernel(
       if (n >= N) continue;
       float l = 0.f;
       if (ia.ids != nullptr) {
-        l = gather_sum(ia, m, n);
-      } else {
+        l = gather_sum(ia, m, n) * ia.alpha;
+      } else if (tg.lora) {  // a bank's base-only tile: no term (C = bias + P Q^T exactly)
         for (int r = 0; r < ia.R; ++r)
           l = fmaf(ia.L[m * ia.sl_m + r * ia.sl_r],
-                   ldf(ia.Rt, grp * ia.srt_s + n * ia.srt_n + r * ia.srt_r, ia.rt_dt), l);
+                   ldf(ia.Rt, tg.rt_off + n * ia.srt_n + r * ia.srt_r, ia.rt_dt), l);
+        l *= ia.alpha * tg.lora_scale;
       }
-      l *= ia.alpha;
       if (ia.drop.on && !keep(m * N + n, ia.drop.k1, ia.drop.k2, ia.drop.thresh)) l = 0.f;
-      if (ia.bias != nullptr) l += ldf(ia.bias, grp * ia.sbias_g + n * ia.s_bias, ia.bias_dt);
+      if (ia.bias != nullptr)
+        l += ldf(ia.bias, tg.expert * ia.sbias_g + n * ia.s_bias, ia.bias_dt);
       C[m * ldc + n] = l + acc[i][j];
     }
   }
@@ -914,7 +946,7 @@ int64_t grouped_gemm_rows(at::ScalarType t) { return t == at::kFloat ? 64 : BM; 
 
 void launch_grouped_gemm(const at::Tensor& P, const at::Tensor& Q, at::Tensor& C,
                          const InitArgs& ia_in, int64_t gemm, fl_stream_t stream) {
-  const int64_t M = P.size(0), K = P.size(1), N = C.size(1);
+  const int64_t M = C.size(0), K = P.size(1), N = C.size(1);  // P: M / p_topk rows
   TORCH_CHECK(Q.dim() == 3 && Q.size(1) == N && Q.size(2) == K,
               "launch_grouped_gemm: Q must be [G, N=", N, ", K=", K, "], got ", Q.sizes());
   TORCH_CHECK(ia_in.tiles != nullptr && ia_in.row_map != nullptr,
@@ -933,6 +965,13 @@ void launch_grouped_gemm(const at::Tensor& P, const at::Tensor& Q, at::Tensor& C
   }
   TORCH_CHECK(gemm == kGemmMma || gemm == kGemmWgmma || gemm == kGemmWgmma256,
               "launch_grouped_gemm: gemm must be resolved (resolve_gemm), got ", gemm);
+  // C in fp32 for fp16/bf16 P: the GEMM's fp32 tile goes out unrounded through the split-K
+  // partial store (tile_store's `part`: rows of pitch N, hence contiguous C).
+  const bool c32 = C.scalar_type() == at::kFloat;
+  TORCH_CHECK(C.scalar_type() == P.scalar_type() || (c32 && C.is_contiguous()),
+              "launch_grouped_gemm: C must be P's dtype or contiguous fp32, got ",
+              C.scalar_type(), " ", C.sizes(), " strides ", C.strides());
+  float* c_part = c32 ? C.data_ptr<float>() : nullptr;
   const at::Tensor Pc = unit_inner(P);
   // Q's [N, K] face read in place: k-contiguous rows (Q_NK, ldq = n stride) or n-contiguous
   // rows (Q as [K, N], ldq = k stride: a transposed weight), else a contiguous copy.
@@ -962,8 +1001,7 @@ void launch_grouped_gemm(const at::Tensor& P, const at::Tensor& Q, at::Tensor& C
       FL_LAUNCH(kern, grid, 256, smem, stream, reinterpret_cast<const T*>(Pc.data_ptr()),
                 Pc.stride(0), vec_p, reinterpret_cast<const T*>(Qc.data_ptr()), ldq, vec_q,
                 reinterpret_cast<T*>(C.data_ptr()), C.stride(0), vec_c, static_cast<int>(M),
-                static_cast<int>(N), static_cast<int>(K), ia, static_cast<float*>(nullptr),
-                static_cast<int>(K));
+                static_cast<int>(N), static_cast<int>(K), ia, c_part, static_cast<int>(K));
     };
     if (gemm == kGemmWgmma256)
       run(gemm_wgmma_kernel<T, kQnk, 256, true>, wg_smem_bytes<256>());

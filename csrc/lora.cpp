@@ -178,31 +178,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bwd_cpu(
 }
 
 // ---- mixture of experts (fused_lora.reference.moe_lora_linear_fwd / _bwd) -----------------------
-// A loop over the experts present (group_rows: ids outside [0, E) belong to none), in the
-// reference's order of operations; rows of no expert keep their zeros.
+// Loops over the experts and virtual experts present (group_rows over the n_virtual ids; ids
+// outside [0, n_virtual) belong to none), in the reference's order of operations: the base
+// GEMM per expert over every row of that expert (whatever its adapter), then the LoRA term per
+// adapter x expert; rows of no expert keep their zeros. x's rows are gathered per expert as
+// x[m // topk] (no top-k copy of x); dropout keys on the op's row m.
+
+// Rows of each base expert e (the ids g with g % E == e), ascending as the reference's
+// nonzero(), so a row's base GEMM sees the same row set whatever the adapters.
+std::map<int64_t, std::vector<int64_t>> moe_base_rows(
+    const std::map<int64_t, std::vector<int64_t>>& groups, const MoeGroups& mg) {
+  std::map<int64_t, std::vector<int64_t>> base;
+  for (const auto& [g, rows] : groups) {
+    auto& b = base[mg.expert(g)];
+    b.insert(b.end(), rows.begin(), rows.end());
+  }
+  for (auto& [e, rows] : base) std::sort(rows.begin(), rows.end());
+  return base;
+}
+
+// Op rows -> rows of x (m // topk).
+at::Tensor moe_x_rows(const at::Tensor& rows, int64_t topk) {
+  return topk > 1 ? at::div(rows, topk, "floor") : rows;
+}
+
+// The LoRA scale of adapter a: scale, times slot_scales[a] (in the accumulation dtype, as the
+// reference's scale * slot_scales[a]) when given.
+at::Tensor moe_lora_scale(double scale, const std::optional<at::Tensor>& slot_scales, int64_t a,
+                          at::ScalarType acc) {
+  if (!slot_scales.has_value()) return at::scalar_tensor(scale, at::TensorOptions().dtype(acc));
+  return slot_scales->select(0, a).to(acc) * scale;
+}
+
+// lora_A / lora_B as a flat list of adapter x expert entries: [L, ...] with entry a * E + e
+// (a reshape of a bank, the tensor itself without banks).
+at::Tensor moe_flat(const at::Tensor& t) {
+  return t.dim() == 4 ? t.reshape({-1, t.size(2), t.size(3)}) : t;
+}
 
 std::tuple<at::Tensor, at::Tensor> moe_lora_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scale, double dropout_p,
     int64_t seed, const at::Tensor& expert_ids, const std::optional<at::Tensor>& order,
-    const std::optional<at::Tensor>& keys, int64_t gemm) {
-  check_moe(x, weight, bias, lora_A, lora_B, expert_ids, dropout_p);
-  check_routing(x, order, keys);
+    const std::optional<at::Tensor>& keys, int64_t gemm,
+    const std::optional<at::Tensor>& slot_scales, int64_t topk) {
+  const MoeDims md = check_moe(x, weight, bias, lora_A, lora_B, expert_ids, dropout_p,
+                               slot_scales, topk);
+  check_routing(md.M, x.device(), order, keys);
   check_gemm(gemm);
   const auto acc = acc_type(x.scalar_type());
-  const int64_t M = x.size(0), E = weight.size(0), N = weight.size(1), R = lora_A.size(1);
+  const MoeGroups mg = md.groups();
   const auto d = make_dropout(dropout_p, seed);
   const auto xf = x.to(acc);
-  const auto xd = dropped(xf, dropout_p, d);
-  auto y = at::zeros({M, N}, x.options().dtype(acc));
-  auto xa = at::zeros({M, R}, x.options().dtype(acc));
-  for (const auto& [e, rows_v] : group_rows(expert_ids, E, order, keys)) {
+  auto y = at::zeros({md.M, md.N}, x.options().dtype(acc));
+  auto xa = at::zeros({md.M, md.R}, x.options().dtype(acc));
+  const auto groups = group_rows(expert_ids, md.n_virtual, order, keys);
+  for (const auto& [e, rows_v] : moe_base_rows(groups, mg)) {
     const auto rows = rows_tensor(rows_v);
-    auto ye = at::mm(xf.index_select(0, rows), weight.select(0, e).to(acc).t());
+    auto ye = at::mm(xf.index_select(0, moe_x_rows(rows, topk)), weight.select(0, e).to(acc).t());
     if (bias.has_value()) ye = ye + bias->select(0, e).to(acc);
-    const auto xs = at::mm(xd.index_select(0, rows), lora_A.select(0, e).to(acc).t());
+    y.index_copy_(0, rows, ye);
+  }
+  at::Tensor keep_m;
+  const auto A = moe_flat(lora_A), B = moe_flat(lora_B);
+  for (const auto& [g, rows_v] : groups) {
+    if (g < mg.first_lora()) continue;  // a bank's base-only ids: no LoRA term
+    const int64_t lv = g - mg.first_lora();  // adapter a * E + expert e
+    const auto rows = rows_tensor(rows_v);
+    auto xs = xf.index_select(0, moe_x_rows(rows, topk));
+    if (d.on) {
+      if (!keep_m.defined()) keep_m = keep_mask_cpu(md.M, md.K, d);
+      xs = at::where(keep_m.index_select(0, rows), xs * (1.0 / (1.0 - dropout_p)),
+                     at::zeros({}, xs.options()));
+    }
+    xs = at::mm(xs, A.select(0, lv).to(acc).t());
     xa.index_copy_(0, rows, xs);
-    y.index_copy_(0, rows, ye + scale * at::mm(xs, lora_B.select(0, e).to(acc).t()));
+    const auto s = moe_lora_scale(scale, slot_scales, mg.adapter(g), acc);
+    y.index_copy_(0, rows, y.index_select(0, rows) + s * at::mm(xs, B.select(0, lv).to(acc).t()));
   }
   return {y.to(x.scalar_type()), xa};
 }
@@ -211,40 +263,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_lora_linear_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scale, double dropout_p, int64_t seed,
     const at::Tensor& expert_ids, bool needs_dx, bool needs_dA, bool needs_dB,
-    const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& keys,
-    int64_t gemm) {
-  check_moe(x, weight, std::nullopt, lora_A, lora_B, expert_ids, dropout_p);
-  check_moe_bwd(dy, x, weight, lora_A, xa);
-  check_routing(x, order, keys);
+    const std::optional<at::Tensor>& order, const std::optional<at::Tensor>& keys, int64_t gemm,
+    const std::optional<at::Tensor>& slot_scales, int64_t topk) {
+  const MoeDims md = check_moe(x, weight, std::nullopt, lora_A, lora_B, expert_ids, dropout_p,
+                               slot_scales, topk);
+  check_moe_bwd(dy, x, xa, md);
+  check_routing(md.M, x.device(), order, keys);
   check_gemm(gemm);
   const auto acc = acc_type(x.scalar_type());
-  const int64_t E = weight.size(0);
+  const MoeGroups mg = md.groups();
   const auto d = make_dropout(dropout_p, seed);
   const auto dyf = dy.to(acc);
-  at::Tensor dxf, dA, dB, keep_m, xd;
-  if (needs_dx) dxf = at::zeros(x.sizes(), x.options().dtype(acc));
+  const auto xf = x.to(acc);
+  at::Tensor dxf, dA, dB, keep_m;
+  if (needs_dx) dxf = at::zeros({md.M, md.K}, x.options().dtype(acc));  // the op's M rows
   if (needs_dA) dA = at::zeros(lora_A.sizes(), lora_A.options().dtype(acc));
   if (needs_dB) dB = at::zeros(lora_B.sizes(), lora_B.options().dtype(acc));
-  if (needs_dx && d.on) keep_m = keep_mask_cpu(x.size(0), x.size(1), d);
-  if (needs_dA) xd = dropped(x.to(acc), dropout_p, d);
-  for (const auto& [e, rows_v] : group_rows(expert_ids, E, order, keys)) {
-    const auto rows = rows_tensor(rows_v);
-    const auto g = dyf.index_select(0, rows);
-    at::Tensor ds;
-    if (needs_dx || needs_dA) ds = scale * at::mm(g, lora_B.select(0, e).to(acc));  // [m, r]
-    if (needs_dx) {
-      auto dxl = at::mm(ds, lora_A.select(0, e).to(acc));
-      if (d.on)
-        dxl = at::where(keep_m.index_select(0, rows), dxl * (1.0 / (1.0 - dropout_p)),
-                        at::zeros({}, dxl.options()));
-      dxf.index_copy_(0, rows, at::mm(g, weight.select(0, e).to(acc)) + dxl);
+  if (d.on && (needs_dx || needs_dA)) keep_m = keep_mask_cpu(md.M, md.K, d);
+  const auto groups = group_rows(expert_ids, md.n_virtual, order, keys);
+  if (needs_dx) {
+    for (const auto& [e, rows_v] : moe_base_rows(groups, mg)) {
+      const auto rows = rows_tensor(rows_v);
+      dxf.index_copy_(0, rows, at::mm(dyf.index_select(0, rows), weight.select(0, e).to(acc)));
     }
-    if (needs_dA) dA.select(0, e).copy_(at::mm(ds.t(), xd.index_select(0, rows)));
-    if (needs_dB)
-      dB.select(0, e).copy_(scale * at::mm(g.t(), xa.index_select(0, rows).to(acc)));
   }
-  return {needs_dx ? dxf.to(x.scalar_type()) : at::empty({0}, x.options()),
-          needs_dA ? dA.to(lora_A.scalar_type()) : at::empty({0}, lora_A.options()),
+  const auto A = moe_flat(lora_A), B = moe_flat(lora_B);
+  const auto dAf = needs_dA ? moe_flat(dA) : at::Tensor();  // views (dA, dB are contiguous)
+  const auto dBf = needs_dB ? moe_flat(dB) : at::Tensor();
+  const double inv_keep = 1.0 / (1.0 - dropout_p);
+  for (const auto& [g, rows_v] : groups) {
+    if (g < mg.first_lora() || !(needs_dx || needs_dA || needs_dB)) continue;
+    const int64_t lv = g - mg.first_lora();
+    const auto rows = rows_tensor(rows_v);
+    const auto s = moe_lora_scale(scale, slot_scales, mg.adapter(g), acc);
+    const auto gr = dyf.index_select(0, rows);
+    const auto ds = s * at::mm(gr, B.select(0, lv).to(acc));  // [m, r]
+    if (needs_dx) {
+      auto dxl = at::mm(ds, A.select(0, lv).to(acc));
+      if (d.on)
+        dxl = at::where(keep_m.index_select(0, rows), dxl * inv_keep, at::zeros({}, dxl.options()));
+      dxf.index_copy_(0, rows, dxf.index_select(0, rows) + dxl);
+    }
+    if (needs_dA) {
+      auto xd = xf.index_select(0, moe_x_rows(rows, topk));
+      if (d.on)
+        xd = at::where(keep_m.index_select(0, rows), xd * inv_keep, at::zeros({}, xd.options()));
+      dAf.select(0, lv).copy_(at::mm(ds.t(), xd));
+    }
+    if (needs_dB)
+      dBf.select(0, lv).copy_(s * at::mm(gr.t(), xa.index_select(0, rows).to(acc)));
+  }
+  at::Tensor dx = at::empty({0}, x.options());
+  if (needs_dx) {  // each token's topk rows, summed in fp32 (fp64 for fp64 x) as the reference
+    if (topk > 1) dxf = dxf.view({md.T, topk, md.K}).sum(1);
+    dx = dxf.to(x.scalar_type());
+  }
+  return {dx, needs_dA ? dA.to(lora_A.scalar_type()) : at::empty({0}, lora_A.options()),
           needs_dB ? dB.to(lora_B.scalar_type()) : at::empty({0}, lora_B.options())};
 }
 

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -257,23 +258,28 @@ inline void check_multi(const at::Tensor& x, const at::Tensor& weight,
 
 // The precomputed routing (see the schemas above): both or neither, int64 [M], contiguous, on
 // x's device. Shape checks only: their values are trusted (no host sync).
-inline bool check_routing(const at::Tensor& x, const std::optional<at::Tensor>& order,
+inline bool check_routing(int64_t M, const at::Device& device,
+                          const std::optional<at::Tensor>& order,
                           const std::optional<at::Tensor>& keys) {
   TORCH_CHECK(order.has_value() == keys.has_value(),
               "order and keys must be given together (the routing plan's two tensors) or both "
               "be None; got order=", order.has_value() ? "Tensor" : "None",
               ", keys=", keys.has_value() ? "Tensor" : "None");
   if (!order.has_value()) return false;
-  const int64_t M = x.size(0);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{*order, "order"},
                                 std::pair<const at::Tensor&, const char*>{*keys, "keys"}}) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == M && t.scalar_type() == at::kLong, name,
                 " must be int64 [M=", M, "], got ", t.scalar_type(), " ", t.sizes());
-    TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
-                x.device());
+    TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but x is on ", device);
     TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
   }
   return true;
+}
+
+// The routing of x's M = x.size(0) rows (the single- and mixed-adapter ops).
+inline bool check_routing(const at::Tensor& x, const std::optional<at::Tensor>& order,
+                          const std::optional<at::Tensor>& keys) {
+  return check_routing(x.size(0), x.device(), order, keys);
 }
 
 inline void check_multi_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
@@ -294,46 +300,106 @@ inline void check_multi_bwd(const at::Tensor& dy, const at::Tensor& x, const at:
 
 
 // ---- mixture of experts (fused_lora.reference.moe_lora_linear_fwd / _bwd) ---------------------
-// y[m] = x[m] W[e]^T + b[e] + scale (drop(x[m]) A[e]^T) B[e]^T, e = expert_ids[m], on x [M, K],
-// weight [E, N, K] (any strides: a transposed view of an [E, K, N] tensor is read in place),
-// bias [E, N], lora_A [E, R, K], lora_B [E, N, R]. `Tensor expert_ids` (int64 [M]) is the
-// routing plan's ids (the Python ops' `plan` unpacked): a row whose id is outside [0, E) belongs
-// to no expert, its y / dx rows are exact zeros and it adds nothing to dA / dB. `order`, `keys`:
-// the routing of expert_ids over E experts, exactly as for the mixed-adapter ops above (trusted).
+// y[m] = x[m // topk] W[e]^T + b[e] + scale * ss[a] (drop(x)[m] A[a, e]^T) B[a, e]^T for the
+// op's M = T * topk rows, on x [T, K] (row m reads x[m // topk] in place: a token's top-k rows
+// are never copied), weight [E, N, K] (any strides: a transposed view of an [E, K, N] tensor is
+// read in place), bias [E, N], and either one adapter per expert (lora_A [E, R, K], lora_B
+// [E, N, R]) or adapter banks (lora_A [S, E, R, K], lora_B [S, E, N, R], slot_scales None or
+// float32 [S] = ss). `Tensor expert_ids` (int64 [M]) is the routing plan's ids (the Python ops'
+// `plan` unpacked), virtual experts (MoeGroups below): one adapter per expert, id e in [0, E)
+// is expert e with its adapter; banks, id (a + 1) * E + e is adapter a on expert e and ids in
+// [0, E) are expert e alone (the base, bit for bit: no LoRA term at all). A row whose id is
+// outside [0, n_virtual) belongs to no expert: its y / xa rows are exact zeros and it adds
+// nothing to dx / dA / dB. xa / dy are [M, R] / [M, N]; dx [T, K] sums each token's topk rows in
+// fp32, in row order. Dropout keys on the op's row: element (m, k) of an [M, K] input.
+// `order`, `keys`: the routing of expert_ids over n_virtual ids, exactly as for the
+// mixed-adapter ops above (trusted).
+// `Tensor? slot_scales=None, int topk=1` come last, after the C++-only arguments (the Python op
+// has them before `impl`): appended, so calls written against the schema without them (order,
+// keys and gemm passed by position) still work.
 constexpr const char* kMoeFwdSchema =
     "moe_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
     "float scale, float dropout_p, int seed, Tensor expert_ids, Tensor? order=None, "
-    "Tensor? keys=None, int gemm=0) -> (Tensor, Tensor)";
+    "Tensor? keys=None, int gemm=0, Tensor? slot_scales=None, int topk=1) -> (Tensor, Tensor)";
 constexpr const char* kMoeBwdSchema =
     "moe_lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "Tensor xa, float scale, float dropout_p, int seed, Tensor expert_ids, bool needs_dx, "
-    "bool needs_dA, bool needs_dB, Tensor? order=None, Tensor? keys=None, int gemm=0) -> "
-    "(Tensor, Tensor, Tensor)";
+    "bool needs_dA, bool needs_dB, Tensor? order=None, Tensor? keys=None, int gemm=0, "
+    "Tensor? slot_scales=None, int topk=1) -> (Tensor, Tensor, Tensor)";
 
-inline void check_moe(const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                      const at::Tensor& lora_B, const at::Tensor& expert_ids, double dropout_p) {
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [M, in_features], got ", x.dim(), "-D");
+// The virtual experts of a call: group (id) g in [0, n_virtual) runs base expert g % E with
+// adapter g / E - lora_off, lora_off = 1 with adapter banks (ids [0, E): adapter -1, the base
+// alone) and 0 with one adapter per expert (adapter 0: lora_A [E, ...] is a bank of one).
+struct MoeGroups {
+  int64_t E = 1;
+  int64_t lora_off = 0;
+  FL_HD int64_t expert(int64_t g) const { return g % E; }
+  FL_HD int64_t adapter(int64_t g) const { return g / E - lora_off; }
+  FL_HD int64_t first_lora() const { return lora_off * E; }  // the first id with a LoRA term
+};
+
+// The sizes of a MoE call, from check_moe.
+struct MoeDims {
+  int64_t T = 0, topk = 1, M = 0, K = 0, E = 0, N = 0, R = 0;
+  int64_t S = 1;       // adapters per expert (the bank's S; 1 without banks)
+  bool banks = false;  // lora_A [S, E, R, K]
+  int64_t n_virtual = 0;
+  MoeGroups groups() const { return MoeGroups{E, banks ? 1 : 0}; }
+};
+
+inline MoeDims check_moe(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                         const at::Tensor& lora_B, const at::Tensor& expert_ids, double dropout_p,
+                         const std::optional<at::Tensor>& slot_scales, int64_t topk) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [T, in_features], got ", x.dim(), "-D");
   TORCH_CHECK(is_kernel_float(x.scalar_type()), "x must be fp16, bf16, fp32 or fp64, got ",
               x.scalar_type());
   TORCH_CHECK(weight.dim() == 3, "weight must be 3-D [E, out_features, in_features], got ",
               weight.dim(), "-D");
-  const int64_t M = x.size(0), K = x.size(1), E = weight.size(0), N = weight.size(1);
+  TORCH_CHECK(topk >= 1, "topk must be >= 1 (rows of the op per row of x), got ", topk);
+  MoeDims d;
+  d.T = x.size(0);
+  d.topk = topk;
+  d.K = x.size(1);
+  d.E = weight.size(0);
+  d.N = weight.size(1);
+  TORCH_CHECK(d.T <= (int64_t(1) << 62) / topk, "x: T * topk overflows int64 (T=", d.T,
+              ", topk=", topk, ")");
+  d.M = d.T * topk;
+  const int64_t M = d.M, K = d.K, E = d.E, N = d.N;
   TORCH_CHECK(E >= 1, "weight must hold at least one expert [E, out, in], got ", weight.sizes());
   TORCH_CHECK(weight.size(2) == K, "weight must be [E, out_features, in_features=", K, "], got ",
               weight.sizes());
-  TORCH_CHECK(lora_A.dim() == 3 && lora_A.size(0) == E && lora_A.size(2) == K,
-              "lora_A must be [E=", E, ", r, in_features=", K, "], got ", lora_A.sizes());
-  const int64_t R = lora_A.size(1);
-  TORCH_CHECK(R >= 1, "lora_A must have rank r >= 1, got ", lora_A.sizes());
-  TORCH_CHECK(lora_B.dim() == 3 && lora_B.size(0) == E && lora_B.size(1) == N &&
-                  lora_B.size(2) == R,
-              "lora_B must be [E=", E, ", out_features=", N, ", r=", R, "], got ",
-              lora_B.sizes());
+  d.banks = lora_A.dim() == 4;
+  if (d.banks) {
+    TORCH_CHECK(lora_A.size(0) >= 1 && lora_A.size(1) == E && lora_A.size(3) == K,
+                "lora_A must be [S, E=", E, ", r, in_features=", K, "] (a bank of S >= 1 "
+                "adapters), got ", lora_A.sizes());
+    d.S = lora_A.size(0);
+    d.R = lora_A.size(2);
+    TORCH_CHECK(lora_B.dim() == 4 && lora_B.size(0) == d.S && lora_B.size(1) == E &&
+                    lora_B.size(2) == N && lora_B.size(3) == d.R,
+                "lora_B must be [S=", d.S, ", E=", E, ", out_features=", N, ", r=", d.R,
+                "], got ", lora_B.sizes());
+    TORCH_CHECK(d.S + 1 <= std::numeric_limits<int64_t>::max() / E, "lora_A: (S + 1) * E "
+                "overflows int64");
+    d.n_virtual = (d.S + 1) * E;
+  } else {
+    TORCH_CHECK(lora_A.dim() == 3 && lora_A.size(0) == E && lora_A.size(2) == K,
+                "lora_A must be [E=", E, ", r, in_features=", K, "] or a bank [S, E=", E,
+                ", r, in_features=", K, "], got ", lora_A.sizes());
+    d.R = lora_A.size(1);
+    TORCH_CHECK(lora_B.dim() == 3 && lora_B.size(0) == E && lora_B.size(1) == N &&
+                    lora_B.size(2) == d.R,
+                "lora_B must be [E=", E, ", out_features=", N, ", r=", d.R, "], got ",
+                lora_B.sizes());
+    d.n_virtual = E;
+  }
+  TORCH_CHECK(d.R >= 1, "lora_A must have rank r >= 1, got ", lora_A.sizes());
   TORCH_CHECK(expert_ids.dim() == 1 && expert_ids.size(0) == M &&
                   expert_ids.scalar_type() == at::kLong,
-              "expert_ids must be int64 [M=", M, "], got ", expert_ids.scalar_type(), " ",
-              expert_ids.sizes());
+              "expert_ids must be int64 [M=", M, "] (T=", d.T, " x topk=", topk, "), got ",
+              expert_ids.scalar_type(), " ", expert_ids.sizes());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype (", weight.scalar_type(),
               ") must match x dtype (", x.scalar_type(), ")");
   TORCH_CHECK(lora_B.scalar_type() == lora_A.scalar_type(), "lora_B dtype (",
@@ -343,6 +409,14 @@ inline void check_moe(const at::Tensor& x, const at::Tensor& weight,
               ") or float32");
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
               dropout_p);
+  if (slot_scales.has_value()) {
+    TORCH_CHECK(d.banks, "slot_scales (one scale per adapter) needs adapter banks lora_A "
+                "[S, E, r, in], got lora_A ", lora_A.sizes());
+    TORCH_CHECK(slot_scales->dim() == 1 && slot_scales->size(0) == d.S &&
+                    slot_scales->scalar_type() == at::kFloat,
+                "slot_scales must be float32 [S=", d.S, "], got ", slot_scales->scalar_type(),
+                " ", slot_scales->sizes());
+  }
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == N,
                 "bias must be [E=", E, ", out_features=", N, "], got ", bias->sizes());
@@ -357,11 +431,15 @@ inline void check_moe(const at::Tensor& x, const at::Tensor& weight,
               " but x is on ", dev);
   if (bias.has_value())
     TORCH_CHECK(bias->device() == dev, "bias is on ", bias->device(), " but x is on ", dev);
+  if (slot_scales.has_value())
+    TORCH_CHECK(slot_scales->device() == dev, "slot_scales is on ", slot_scales->device(),
+                " but x is on ", dev);
+  return d;
 }
 
-inline void check_moe_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                          const at::Tensor& lora_A, const at::Tensor& xa) {
-  const int64_t M = x.size(0), N = weight.size(1), R = lora_A.size(1);
+inline void check_moe_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& xa,
+                          const MoeDims& d) {
+  const int64_t M = d.M, N = d.N, R = d.R;
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "dy must be [M=", M,
               ", out_features=", N, "], got ", dy.sizes());
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "dy dtype (", dy.scalar_type(),

@@ -26,25 +26,6 @@ constexpr int kShrinkPass = 256;     // k per block pass: 32 lanes x 8 consecuti
 constexpr int kMinSplitK = 256;      // one pass: below it a split's fixed cost (reduction,
                                      // partial store, finalize read) outweighs its loads
 
-// v[e] = p[i + e*stride] for e < n, 0 past n. vec (stride 1, i and p 16-byte aligned, n == 8):
-// one 16-byte load for fp16/bf16, two for fp32.
-__device__ __forceinline__ void load_run8(const void* p, int64_t i, int64_t stride, int dt,
-                                          bool vec, int n, float* v) {
-  if (vec && n == 8) {
-    if (dt == kF32) {
-      const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
-      const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4);
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    } else {
-      load8(p, i, dt, true, v);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = e < n ? ldf(p, i + e * stride, dt) : 0.f;
-  }
-}
-
 // An fp16 (dt == kF16) or bf16 value from its bits (little-endian: element 0 is the low half).
 __device__ __forceinline__ float bits16_to_float(unsigned short b, int dt) {
   return dt == kF16 ? __half2float(__ushort_as_half(b)) : __bfloat162float(__ushort_as_bfloat16(b));
@@ -291,15 +272,6 @@ __global__ void __launch_bounds__(256, 1) sorted_tile_shrink_kernel(
 // slot_reduce_finalize_kernel sums them in chunk order (deterministic, no float atomics) and
 // writes every element no program wrote (absent slots, dead ranks). Z is staged 32 rows x 64
 // columns at a time, one 8-column run per thread (16-byte loads when Z's rows allow).
-__device__ __forceinline__ int64_t lower_bound_key(const int64_t* keys, int64_t n, int64_t v) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (keys[mid] < v) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
 // __launch_bounds__(256, 2): with (256) alone ptxas caps it at 80 registers on sm_80 and spills
 // 36 bytes; (256, 2) allows 128 (it takes 128 on sm_90, 127 on sm_80, no spills).
 __global__ void __launch_bounds__(256, 2) sorted_slot_reduce_kernel(
@@ -309,73 +281,36 @@ __global__ void __launch_bounds__(256, 2) sorted_slot_reduce_kernel(
     const float* __restrict__ row_scale, void* __restrict__ out, int out_dt, int64_t so_s,
     int64_t so_r, int64_t so_j, float* __restrict__ part, int M, int J, int R, int CH,
     float alpha) {
-  __shared__ float Zs[32][64];
-  __shared__ float Ls[32][16 + 1];
-  __shared__ int64_t rows[32];
+  __shared__ SortedReduceSmem sm;
   const int tid = threadIdx.x;
   const int64_t c = blockIdx.x;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * 64;
   const int r0 = blockIdx.z * 16;
-  const int rr = tid >> 4, jj = tid & 15;
-  const int64_t v0 = lower_bound_key(keys, M, 0);  // first valid sorted position
+  const int rr = tid >> 4;
+  const int64_t v0 = sorted_lower_bound(keys, M, 0);  // first valid sorted position
   const int64_t p0 = v0 + c * CH;
   if (p0 >= M) return;
   const int64_t pend = min(static_cast<int64_t>(M), p0 + CH);
   for (int64_t pos = p0; pos < pend;) {  // one slot segment per trip (block-uniform)
     const int64_t slot = keys[pos];
-    const int64_t seg_end = lower_bound_key(keys, M, slot + 1);
-    const int64_t seg_begin = pos == p0 ? lower_bound_key(keys, M, slot) : pos;
+    const int64_t seg_end = sorted_lower_bound(keys, M, slot + 1);
+    const int64_t seg_begin = pos == p0 ? sorted_lower_bound(keys, M, slot) : pos;
     const int64_t e = min(seg_end, pend);
     const int re = live_ranks(ranks, slot, R);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (r0 < re) {
       for (int64_t mc = pos; mc < e; mc += 32) {
         const int nr = static_cast<int>(min(static_cast<int64_t>(32), e - mc));
-        if (tid < nr) rows[tid] = order[mc + tid];
-        __syncthreads();
-        {  // 32 rows x 64 columns: one 8-column run per thread (16 bytes when vec_z)
-          const int zm = tid >> 3, zj = (tid & 7) * 8;
-          const int64_t j = j0 + zj;
-          const int n = zm < nr ? static_cast<int>(max(static_cast<int64_t>(0),
-                                                       min(static_cast<int64_t>(8), J - j)))
-                                : 0;
-          float v[8];
-          load_run8(Z, (zm < nr ? rows[zm] : 0) * sz_m + j * sz_j, sz_j, z_dt, vec_z != 0, n, v);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) Zs[zm][zj + e] = v[e];
-        }
-        for (int i = tid; i < 32 * 16; i += 256) {
-          const int lm = i >> 4, lr = i & 15;
-          const int r = r0 + lr;
-          Ls[lm][lr] = (lm < nr && r < re) ? L[rows[lm] * sl_m + r * sl_r] : 0.f;
-        }
-        __syncthreads();
-        for (int k = 0; k < nr; ++k) {
-          const float l = Ls[k][rr];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[q] = fmaf(l, Zs[k][jj + 16 * q], acc[q]);
-        }
-        __syncthreads();
+        sorted_reduce_step(acc, sm, order, mc, nr, L, sl_m, sl_r, r0, re, Z, z_dt, sz_m, sz_j,
+                           vec_z != 0, /*z_topk=*/1, Dropout{}, j0, J);
       }
     }
     const int r = r0 + rr;
     if (r < re) {
       const int64_t c1 = (seg_begin - v0) / CH, c2 = (seg_end - 1 - v0) / CH;
-      if (c1 == c2) {
-        const float sc = alpha * (row_scale != nullptr ? row_scale[slot] : 1.f);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t j = j0 + jj + 16 * q;
-          if (j < J) stf(out, slot * so_s + r * so_r + j * so_j, out_dt, acc[q] * sc);
-        }
-      } else {
-        const int64_t idx = 2 * c + (pos == p0 ? 0 : 1);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t j = j0 + jj + 16 * q;
-          if (j < J) part[(idx * R + r) * J + j] = acc[q];
-        }
-      }
+      const float sc = alpha * (row_scale != nullptr ? row_scale[slot] : 1.f);
+      sorted_reduce_store(acc, c1 == c2, out, out_dt, slot * so_s + r * so_r, so_j, sc, part,
+                          2 * c + (pos == p0 ? 0 : 1), R, J, r, j0);
     }
     pos = e;
   }
@@ -392,9 +327,9 @@ __global__ void __launch_bounds__(256) slot_reduce_finalize_kernel(
   __shared__ int64_t seg[3];
   const int64_t slot = blockIdx.y;
   if (threadIdx.x == 0) {
-    seg[0] = lower_bound_key(keys, M, 0);
-    seg[1] = lower_bound_key(keys, M, slot);
-    seg[2] = lower_bound_key(keys, M, slot + 1);
+    seg[0] = sorted_lower_bound(keys, M, 0);
+    seg[1] = sorted_lower_bound(keys, M, slot);
+    seg[2] = sorted_lower_bound(keys, M, slot + 1);
   }
   __syncthreads();
   const int64_t v0 = seg[0], a = seg[1], b = seg[2];
@@ -412,10 +347,7 @@ __global__ void __launch_bounds__(256) slot_reduce_finalize_kernel(
     if (!present || r >= re) {
       stf(out, o, out_dt, 0.f);
     } else if (c1 < c2) {
-      const int64_t first = 2 * c1 + (a == v0 + c1 * CH ? 0 : 1);
-      float v = part[(first * R + r) * J + j];
-      for (int64_t cc = c1 + 1; cc <= c2; ++cc) v += part[(2 * cc * R + r) * J + j];
-      stf(out, o, out_dt, v * sc);
+      stf(out, o, out_dt, sorted_partials_sum(part, a, v0, CH, c1, c2, R, J, r, j) * sc);
     }  // else: written by the chunk's program
   }
 }
@@ -456,12 +388,7 @@ MultiInputs multi_inputs(const at::Tensor& x, const at::Tensor& lora_A, const at
     mi.order = *order;  // contiguous (checked)
     mi.keys = *keys;
   } else if (mi.prefill || need_segments) {
-    // On the device, no host sync (CUDA-graph safe): out-of-range ids sort with -1.
-    const auto valid = mi.ids.ge(0).logical_and(mi.ids.lt(lora_A.size(0)));
-    const auto keyed = at::where(valid, mi.ids, at::full({}, -1, mi.ids.options()));
-    auto sorted = at::sort(keyed, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    mi.keys = std::get<0>(sorted).contiguous();
-    mi.order = std::get<1>(sorted).contiguous();
+    sort_routing(mi.ids, lora_A.size(0), mi.order, mi.keys);  // out-of-range ids as -1
   }
   return mi;
 }
@@ -470,15 +397,6 @@ const int64_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<int64_t>() : nullptr;
 }
 
-// 16-byte loads of 8-element runs along the unit stride: the base and every run start (a
-// multiple of 8 elements along it plus the other strides) must be 16-byte aligned.
-bool vec_ok(const at::Tensor& t, std::initializer_list<int64_t> strides, int64_t unit_stride,
-            int64_t elems_per_16b) {
-  if (t.scalar_type() == at::kDouble || unit_stride != 1 || !aligned16(t)) return false;
-  for (const int64_t s : strides)
-    if (s % elems_per_16b != 0) return false;
-  return true;
-}
 
 // out [M, R] fp32 = the gathered shrink of P [M, K] against A(slot, r, k) (strides sa_*).
 void launch_gather_shrink(const at::Tensor& P, const at::Tensor& A, int64_t sa_s, int64_t sa_r,
@@ -559,14 +477,7 @@ void launch_slot_reduce(const at::Tensor& L, const at::Tensor& Z, const MultiInp
               "backward");
   TORCH_CHECK(R * J < (int64_t(1) << 40), "lora_A: r_max x features too large");
   if (M == 0 || R == 0 || J == 0 || S == 0) return;  // out is empty (a 0-block grid: an error)
-  // Chunks of the sorted rows: ~4 programs per SM over (chunks, J/64, R/16), each chunk >= 32
-  // rows (one staged sub-tile), as few as that allows (fewer partials to sum).
-  const int64_t nb = static_cast<int64_t>(cdiv(J, 64)) * cdiv(R, 16);
-  const int64_t target = 4 * static_cast<int64_t>(fl_sm_count());
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((target + nb - 1) / nb, (M + 31) / 32));
-  const int64_t CH = ((M + chunks - 1) / chunks + 31) / 32 * 32;
-  chunks = (M + CH - 1) / CH;
-  TORCH_CHECK(CH <= 2147483647, "x: M must be < 2^31");
+  const auto [chunks, CH] = sorted_reduce_chunks(M, J, R);
   at::Tensor part;  // [2 * chunks, R, J]: only slots spanning chunks use it
   if (chunks > 1) part = fl_empty({2 * chunks, R, J}, L.options().dtype(at::kFloat));
   float* part_p = chunks > 1 ? part.data_ptr<float>() : nullptr;

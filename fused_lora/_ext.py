@@ -245,13 +245,17 @@ def moe_lora_linear_fwd(
     order: Optional[torch.Tensor] = None,
     keys: Optional[torch.Tensor] = None,
     gemm: int = GEMM_AUTO,
+    slot_scales: Optional[torch.Tensor] = None,
+    topk: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused_lora_C::moe_lora_linear_fwd; contract of reference.moe_lora_linear_fwd. expert_ids:
-    int64 [M] (a routing plan's ids); order, keys: the plan's routing (csrc/lora.h: trusted,
-    both or neither); gemm: the tensor-core GEMM (GEMM_*; ignored by the CPU kernels)."""
+    """fused_lora_C::moe_lora_linear_fwd; contract of reference.moe_lora_linear_fwd. x: [T, in];
+    expert_ids: int64 [M = T * topk] (a routing plan's ids: virtual experts over (S + 1) * E ids
+    with adapter banks lora_A [S, E, r, in]); order, keys: the plan's routing (csrc/lora.h:
+    trusted, both or neither); gemm: the tensor-core GEMM (GEMM_*; ignored by the CPU kernels);
+    slot_scales: float32 [S] or None (banks only); topk: op rows per row of x (read in place)."""
     y, xa = _ns().moe_lora_linear_fwd(
         x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed), expert_ids,
-        order, keys, int(gemm),
+        order, keys, int(gemm), slot_scales, int(topk),
     )
     return y, xa
 
@@ -274,12 +278,16 @@ def moe_lora_linear_bwd(
     order: Optional[torch.Tensor] = None,
     keys: Optional[torch.Tensor] = None,
     gemm: int = GEMM_AUTO,
+    slot_scales: Optional[torch.Tensor] = None,
+    topk: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fused_lora_C::moe_lora_linear_bwd; contract of reference.moe_lora_linear_bwd. order, keys,
-    gemm: as for moe_lora_linear_fwd."""
+    """fused_lora_C::moe_lora_linear_bwd; contract of reference.moe_lora_linear_bwd (dx [T, in]:
+    each token's topk rows summed). order, keys, gemm, slot_scales, topk: as for
+    moe_lora_linear_fwd."""
     dx, dA, dB = _ns().moe_lora_linear_bwd(
         dy, x, weight, lora_A, lora_B, xa, float(scale), float(dropout_p), int(seed), expert_ids,
-        bool(needs_dx), bool(needs_dA), bool(needs_dB), order, keys, int(gemm),
+        bool(needs_dx), bool(needs_dA), bool(needs_dB), order, keys, int(gemm), slot_scales,
+        int(topk),
     )
     return dx, dA, dB
 
@@ -290,14 +298,14 @@ def _register_moe_fakes() -> None:
 
     @torch.library.register_fake("fused_lora_C::moe_lora_linear_fwd")
     def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, expert_ids, order=None, keys=None,
-          gemm=0):
-        M = x.shape[0]
-        return x.new_empty(M, weight.shape[1]), x.new_empty(M, lora_A.shape[1], dtype=acc_dtype(x.dtype))
+          gemm=0, slot_scales=None, topk=1):
+        M = x.shape[0] * topk  # the op's rows (expert_ids [M])
+        return x.new_empty(M, weight.shape[1]), x.new_empty(M, lora_A.shape[-2], dtype=acc_dtype(x.dtype))
 
     @torch.library.register_fake("fused_lora_C::moe_lora_linear_bwd")
     def _(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, expert_ids, needs_dx, needs_dA,
-          needs_dB, order=None, keys=None, gemm=0):
-        return fake_bwd(x, lora_A, lora_B, needs_dx, needs_dA, needs_dB)
+          needs_dB, order=None, keys=None, gemm=0, slot_scales=None, topk=1):
+        return fake_bwd(x, lora_A, lora_B, needs_dx, needs_dA, needs_dB)  # dx like x: [T, in]
 
 
 # An extension built before the MoE ops loads without them: has_op("moe_lora_linear") is False

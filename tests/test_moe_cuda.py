@@ -6,9 +6,12 @@ On CPU (CI): the C++ CPU kernels against fused_lora.reference and an fp64 per-ro
 shapes (experts with no rows, with one row, one expert with every row, rows of no expert), forward
 and backward with dropout, every needs_* combination, a transposed weight view, fp32 adapters,
 degenerate sizes, the routing plan's order / keys, the functional API with backend="cuda",
-opcheck, the TORCH_CHECK messages, and the schemas against the Python custom ops'. On a GPU
-(-m gpu): the CUDA kernels against the reference (every GEMM variant that runs there), bitwise
-reproducibility and CUDA-graph replay. The CUDA kernels' CPU coverage is the SIMT emulator's
+opcheck, the TORCH_CHECK messages, and the schemas against the Python custom ops'. Adapter banks
+(lora_A [S, E, r, in], virtual expert ids over (S + 1) * E: base-only ids, adapter x expert pairs
+without rows, out-of-range ids; slot_scales None or given) and top-k rows (x [T, in] for
+M = T * topk rows, dx summed per token) likewise. On a GPU (-m gpu): the CUDA kernels against the
+reference (every GEMM variant that runs there), banks and top-k, bitwise reproducibility, base
+rows bit for bit, and CUDA-graph replay. The CUDA kernels' CPU coverage is the SIMT emulator's
 (tests/test_cuda_sim_moe.py).
 
 Tolerance: the 2x rule of tests/_utils.py (max error against the fp64 reference at most 2x the
@@ -301,25 +304,32 @@ def _schema_args(schema):
 @pytest.mark.parametrize("op", ["moe_lora_linear_fwd", "moe_lora_linear_bwd"])
 def test_schemas_match_python_ops(op):
     """The C++ op is the Python custom op minus `impl`, with an int seed and the plan's ids
-    (expert_ids) where the Python op takes the packed plan, plus the C++-only trailing routing
-    and GEMM arguments (with defaults), as for the mixed-adapter ops. The Python op's trailing
-    slot_scales / topk stay in Python (backends/cuda.py: top-k rows gathered before the call,
-    adapter banks refused by name)."""
+    (expert_ids) where the Python op takes the packed plan, plus the C++-only routing and GEMM
+    arguments (with defaults), as for the mixed-adapter ops; the Python op's trailing
+    slot_scales / topk come last (appended after the C++-only ones, with the Python op's
+    defaults: calls of the schema without them, order / keys / gemm by position, still work)."""
     py = getattr(torch.ops.fused_lora, op).default._schema
     cpp = getattr(C, op).default._schema
-    expected = []
+    expected, trailing = [], []
     for name, typ in _schema_args(py):
-        if name in ("impl", "slot_scales", "topk"):
+        if name == "impl":
+            continue
+        if name in ("slot_scales", "topk"):
+            trailing.append((name, "int" if typ == "SymInt" else typ))
             continue
         if name == "plan":
             expected.append(("expert_ids", "Tensor"))
             continue
         expected.append((name, "int" if name == "seed" else typ))
+    assert trailing == [("slot_scales", "Optional[Tensor]"), ("topk", "int")]
     cpp_only = [("order", "Optional[Tensor]"), ("keys", "Optional[Tensor]"), ("gemm", "int")]
-    assert _schema_args(cpp) == expected + cpp_only, f"{cpp} vs {py}"
+    assert _schema_args(cpp) == expected + cpp_only + trailing, f"{cpp} vs {py}"
+    py_defaults = {a.name: a.default_value for a in py.arguments if a.name in ("slot_scales", "topk")}
     for a in cpp.arguments:
-        if (a.name, str(a.type)) in cpp_only:
+        if (a.name, str(a.type)) in cpp_only + trailing:
             assert a.has_default_value(), a.name
+        if a.name in py_defaults:
+            assert a.default_value == py_defaults[a.name], a.name
     assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in py.returns]
     assert not cpp.is_mutable and not py.is_mutable
 
@@ -441,27 +451,404 @@ def test_gpu_functional_backend_cuda():
 
 
 def test_cuda_backend_topk_and_banks():
-    # top-k > 1 through backend "cuda" (C++ CPU ops here): x gathered per choice in Python, dx
-    # summed back per token; equals the reference. Adapter banks are refused by name.
+    # top-k > 1 and adapter banks through backend "cuda" (C++ CPU ops here: x read per op row as
+    # x[m // topk], dx summed per token in the op): equal the reference backend.
     import fused_lora
 
     torch.manual_seed(0)
-    T, K, N, E, R, k = 7, 24, 20, 4, 4, 2
+    T, K, N, E, R, k, S = 7, 24, 20, 4, 4, 2, 3
     x = torch.randn(T, K, dtype=torch.float32)
     w = torch.randn(E, N, K, dtype=torch.float32) / K**0.5
     A = torch.randn(E, R, K, dtype=torch.float32) / K**0.5
     B = torch.randn(E, N, R, dtype=torch.float32)
     ids = torch.randint(0, E, (T, k))
-    outs = []
-    for be in ("cuda", "torch"):
-        xg = x.clone().requires_grad_()
-        Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
-        y = fused_lora.moe_lora_linear(xg, w, Ag, Bg, 0.5, ids, backend=be)
-        y.backward(torch.ones_like(y))
-        outs.append((y.detach(), xg.grad, Ag.grad, Bg.grad))
-    for got, want in zip(*outs):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    banks_A, banks_B = A[None].repeat(2, 1, 1, 1), B[None].repeat(2, 1, 1, 1)
-    with pytest.raises(NotImplementedError, match="banks"):
-        fused_lora.moe_lora_linear(x, w, banks_A, banks_B, 0.5, ids,
-                                   adapter_ids=torch.zeros(T, dtype=torch.long), backend="cuda")
+    banks_A = torch.randn(S, E, R, K) / K**0.5
+    banks_B = torch.randn(S, E, N, R)
+    adapters = torch.tensor([0, -1, 2, 2, 0, -1, 0])
+    scales = torch.tensor([0.5, 3.0, 1.5])
+    for lA, lB, sc, extra in ((A, B, 0.5, {}), (banks_A, banks_B, scales, {"adapter_ids": adapters})):
+        outs = []
+        for be in ("cuda", "torch"):
+            xg = x.clone().requires_grad_()
+            Ag, Bg = lA.clone().requires_grad_(), lB.clone().requires_grad_()
+            y = fused_lora.moe_lora_linear(xg, w, Ag, Bg, sc, ids, backend=be, **extra)
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), xg.grad, Ag.grad, Bg.grad))
+        for got, want, name in zip(*outs, ("y", "dx", "dA", "dB")):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+        # slot 1 has no token: exact-zero gradients
+        if lA.dim() == 4:
+            assert not outs[0][2][1].any() and not outs[0][3][1].any()
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter banks and top-k rows: the C++ CPU kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _bank_args(dtype, T, K, N, R, E, S, bias=True, adapter_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ad = adapter_dtype or dtype
+    x = torch.randn(T, K, generator=g).to(dtype)
+    w = (torch.randn(E, N, K, generator=g) / max(K, 1) ** 0.5).to(dtype)
+    b = torch.randn(E, N, generator=g).to(dtype) if bias else None
+    A = (torch.randn(S, E, R, K, generator=g) / max(K, 1) ** 0.5).to(ad)
+    B = torch.randn(S, E, N, R, generator=g).to(ad)
+    return x, w, b, A, B
+
+
+def _bank_ids(M, E, S, seed=5):
+    """Virtual expert ids [M] over (S + 1) * E: adapter 0 never on expert E - 1 and adapter 1
+    never on expert 0 (adapter x expert pairs without rows), base-only ids (< E), rows of no
+    expert (-1, (S + 1) * E, -7); row 0 on adapter 0 x expert 0, the last on a base-only id."""
+    g = torch.Generator().manual_seed(seed)
+    nv = (S + 1) * E
+    pool = [v for v in range(nv) if v not in (2 * E - 1, 2 * E)] + [-1, nv, -7]
+    ids = torch.tensor(pool, dtype=torch.int64)[torch.randint(0, len(pool), (M,), generator=g)]
+    ids[0] = E
+    ids[-1] = 1
+    return ids
+
+
+def _present(ids, E, S):
+    """[S, E] bool: adapter x expert pairs with rows."""
+    p = torch.zeros(S, E, dtype=torch.bool)
+    v = ids[(ids >= E) & (ids < (S + 1) * E)]
+    p[v // E - 1, v % E] = True
+    return p
+
+
+def _bank_loop64(x, w, b, A, B, s, ss, ids, p, seed, dy, topk):
+    """Ground truth independent of the reference's grouping: a per-row fp64 loop through
+    autograd over the virtual ids (row m reads x[m // topk]). Returns y and (dx, dA, dB)."""
+    E, S = w.shape[0], A.shape[0]
+    M, K = ids.numel(), x.shape[1]
+    xd, Ad, Bd = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    keep = reference.dropout_keep_mask(seed, M, K, p) if p > 0 else None
+    rows = []
+    for m in range(M):
+        v = int(ids[m])
+        if not 0 <= v < (S + 1) * E:
+            rows.append(torch.zeros(w.shape[1], dtype=F64))
+            continue
+        e, a = v % E, v // E - 1
+        xm = xd[m // topk]
+        y = xm @ w[e].double().t()
+        if b is not None:
+            y = y + b[e].double()
+        if a >= 0:
+            xl = torch.where(keep[m], xm / (1 - p), torch.zeros((), dtype=F64)) if keep is not None else xm
+            sa = s * (float(ss[a]) if ss is not None else 1.0)
+            y = y + sa * ((xl @ Ad[a, e].t()) @ Bd[a, e].t())
+        rows.append(y)
+    y = torch.stack(rows)
+    y.backward(dy.double())
+    grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in (xd, Ad, Bd)]
+    return y.detach(), grads
+
+
+def _bank_call_args(x, w, b, A, B, s, p, seed, ids, ss, topk):
+    """(C++ op positional args, reference args) of one forward."""
+    return (x, w, b, A, B, s, p, seed, ids), (x, w, b, A, B, s, p, seed, ids, ss, topk)
+
+
+# (T, K, N, R, E, S): T = 1 (one token, top-k rows of it), odd sizes, R = 17 (a second 16-rank
+# chunk).
+BANK_SHAPES = [(1, 7, 5, 3, 3, 2), (6, 20, 18, 4, 4, 3), (13, 33, 17, 17, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", BANK_SHAPES, ids=lambda s: "T{}-K{}-N{}-R{}-E{}-S{}".format(*s))
+@pytest.mark.parametrize("dtype", [F32, F16, BF16, F64], ids=str)
+@pytest.mark.parametrize("topk", [1, 2, 3])
+@pytest.mark.parametrize("slot_scales", [False, True], ids=["ss-none", "ss"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_cpu_banks_topk_match_reference(shape, dtype, topk, slot_scales, dropout):
+    T, K, N, R, E, S = shape
+    x, w, b, A, B = _bank_args(dtype, T, K, N, R, E, S)
+    M = T * topk
+    ids = _bank_ids(M, E, S)
+    ss = torch.tensor([0.5, 2.0, -1.25][:S]) if slot_scales else None
+    kw = dict(slot_scales=ss, topk=topk)
+    cargs, fargs = _bank_call_args(x, w, b, A, B, 0.7, dropout, SEED, ids, ss, topk)
+    y, xa = C.moe_lora_linear_fwd(*cargs, **kw)
+    assert y.shape == (M, N) and xa.shape == (M, R)
+    check_op_vs_reference((y, xa), reference.moe_lora_linear_fwd, fargs, ("y", "xa"))
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).to(dtype)
+    _, xa_ref = reference.moe_lora_linear_fwd(*fargs)
+    bargs = (dy, x, w, A, B, xa_ref, 0.7, dropout, SEED, ids, True, True, True)
+    got = C.moe_lora_linear_bwd(*bargs, **kw)
+    check_op_vs_reference(got, reference.moe_lora_linear_bwd, bargs + (ss, topk), ("dx", "dA", "dB"))
+    dx, dA, dB = got
+    assert dx.shape == x.shape and dA.shape == A.shape and dB.shape == B.shape
+    # Exact: rows of no expert give y = xa = 0; base-only rows xa = 0; a token all of whose rows
+    # are of no expert gets dx = 0; pairs without rows get dA = dB = 0.
+    nv = (S + 1) * E
+    none = (ids < 0) | (ids >= nv)
+    base = (ids >= 0) & (ids < E)
+    assert (y[none] == 0).all() and (xa[none | base] == 0).all()
+    assert (dx[none.view(T, topk).all(1)] == 0).all()
+    absent = ~_present(ids, E, S)
+    assert (dA[absent] == 0).all() and (dB[absent] == 0).all()
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_cpu_banks_fp64_match_per_row_loop(topk, dropout):
+    T, K, N, R, E, S = 11, 23, 19, 5, 4, 3
+    x, w, b, A, B = _bank_args(F64, T, K, N, R, E, S)
+    ids = _bank_ids(T * topk, E, S)
+    ss = torch.tensor([0.5, -2.0, 1.5])
+    dy = torch.randn(T * topk, N, dtype=F64)
+    kw = dict(slot_scales=ss, topk=topk)
+    y, xa = C.moe_lora_linear_fwd(x, w, b, A, B, 0.6, dropout, SEED, ids, **kw)
+    got = C.moe_lora_linear_bwd(dy, x, w, A, B, xa, 0.6, dropout, SEED, ids, True, True, True, **kw)
+    y64, grads64 = _bank_loop64(x, w, b, A, B, 0.6, ss, ids, dropout, SEED, dy, topk)
+    torch.testing.assert_close(y, y64, atol=1e-12, rtol=1e-12)
+    for g, r, name in zip(got, grads64, ("dx", "dA", "dB")):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+@pytest.mark.parametrize("topk", [1, 2])
+def test_cpu_banks_bwd_needs(needs, topk):
+    T, K, N, R, E, S = 9, 30, 17, 6, 4, 2
+    x, w, _, A, B = _bank_args(F32, T, K, N, R, E, S, adapter_dtype=F32)
+    ids = _bank_ids(T * topk, E, S)
+    ss = torch.tensor([1.5, 0.25])
+    _, xa = reference.moe_lora_linear_fwd(x, w, None, A, B, 0.5, 0.2, SEED, ids, ss, topk)
+    dy = torch.randn(T * topk, N)
+    bargs = (dy, x, w, A, B, xa, 0.5, 0.2, SEED, ids, *needs)
+    check_op_vs_reference(C.moe_lora_linear_bwd(*bargs, slot_scales=ss, topk=topk),
+                          reference.moe_lora_linear_bwd, bargs + (ss, topk), ("dx", "dA", "dB"))
+
+
+def test_cpu_bank_base_rows_bit_exact_and_unused_slots_unread():
+    # Base-only ids are the base MoE bit for bit: the same rows with every adapter removed give
+    # the same y, and a NaN-filled adapter that no row uses (slot 1) changes nothing.
+    T, K, N, R, E, S, k = 10, 24, 16, 4, 3, 3, 2
+    x, w, b, A, B = _bank_args(F32, T, K, N, R, E, S)
+    ids = _bank_ids(T * k, E, S)
+    ids = torch.where((ids >= 2 * E) & (ids < 3 * E), ids - E, ids)  # no row on slot 1
+    A[1], B[1] = float("nan"), float("nan")
+    ss = torch.tensor([0.5, float("nan"), 2.0])
+    y, _ = C.moe_lora_linear_fwd(x, w, b, A, B, 0.5, 0.0, 0, ids, slot_scales=ss, topk=k)
+    base_ids = torch.where((ids >= 0) & (ids < (S + 1) * E), ids % E, ids)
+    y0, xa0 = C.moe_lora_linear_fwd(x, w, b, A, B, 0.5, 0.0, 0, base_ids, slot_scales=ss, topk=k)
+    rows = (ids >= 0) & (ids < E)
+    assert rows.any() and (ids >= E).any()
+    assert torch.equal(y[rows], y0[rows]) and not torch.isnan(y).any()
+    assert not xa0.any()
+    dy = torch.randn(T * k, N)
+    _, dA, dB = C.moe_lora_linear_bwd(dy, x, w, A, B, torch.zeros_like(xa0), 0.5, 0.0, 0, ids, False,
+                                      True, True, slot_scales=ss, topk=k)
+    assert not dA[1].isnan().any() and not dA[1].any() and not dB[1].any()
+
+
+def test_cpu_bank_routing_plan_order_keys():
+    # A plan built with adapter_ids (virtual experts) gives the op's own sort's bits.
+    T, K, N, R, E, S, k = 12, 16, 12, 4, 3, 2, 2
+    x, w, b, A, B = _bank_args(F32, T, K, N, R, E, S)
+    experts = torch.randint(-1, E, (T, k), generator=torch.Generator().manual_seed(2))
+    adapters = torch.tensor([0, -1, 1, 1, 0, -1, 0, 1, 1, 0, -1, 0])
+    v = moe_routing_plan(experts, E, adapter_ids=adapters, n_slots=S).view()
+    assert v.ids.numel() == T * k
+    ss = torch.tensor([0.5, 2.0])
+    kw = dict(slot_scales=ss, topk=k)
+    fwd = (x, w, b, A, B, 0.5, 0.1, 3, v.ids)
+    y, xa = C.moe_lora_linear_fwd(*fwd, **kw)
+    y_p, xa_p = C.moe_lora_linear_fwd(*fwd, v.order, v.keys, **kw)
+    assert torch.equal(y, y_p) and torch.equal(xa, xa_p)
+    dy = torch.randn(T * k, N)
+    bwd = (dy, x, w, A, B, xa, 0.5, 0.1, 3, v.ids, True, True, True)
+    for g, gp in zip(C.moe_lora_linear_bwd(*bwd, **kw), C.moe_lora_linear_bwd(*bwd, v.order, v.keys, **kw)):
+        assert torch.equal(g, gp)
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_functional_banks_backend_cuda_on_cpu(topk):
+    # fused_lora.moe_lora_linear with adapter banks, adapter_ids and backend="cuda" (the C++ CPU
+    # kernels here): forward and gradients (x, the banks, not the per-adapter scales) equal
+    # backend="torch"'s; unused slots and pairs without rows get exact zeros.
+    T, K, N, R, E, S = 15, 24, 20, 4, 4, 3
+    x, w, b, A, B = _bank_args(F32, T, K, N, R, E, S)
+    g = torch.Generator().manual_seed(4)
+    experts = torch.randint(-1, E, (T, topk) if topk > 1 else (T,), generator=g)
+    adapters = torch.tensor([0, 2, -1, 0, 2, 2, -1, 0, 0, 2, -1, 2, 0, 0, -1])  # slot 1 unused
+    scales = torch.tensor([0.5, 7.0, 1.25])
+    outs = {}
+    for backend in ("torch", "cuda"):
+        xs, As, Bs = (t.clone().requires_grad_(True) for t in (x, A, B))
+        torch.manual_seed(9)  # the same dropout seed for both
+        y = fused_lora.moe_lora_linear(xs, w, As, Bs, scales, experts, bias=b, adapter_ids=adapters,
+                                       dropout_p=0.1, backend=backend)
+        y.square().sum().backward()
+        outs[backend] = (y, xs.grad, As.grad, Bs.grad)
+    for a, r, name in zip(outs["cuda"], outs["torch"], ("y", "dx", "dA", "dB")):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5, msg=name)
+    _, _, dA, dB = outs["cuda"]
+    assert not dA[1].any() and not dB[1].any()
+
+
+def _bad_bank(**over):
+    x, w, b, A, B = _bank_args(F32, 5, 6, 4, 2, 3, 2)
+    args = dict(x=x, weight=w, bias=b, lora_A=A, lora_B=B, scale=0.5, dropout_p=0.0, seed=0,
+                expert_ids=torch.tensor([0, 3, 8, -1, 4, 5, 6, 7, 1, 2]), slot_scales=torch.ones(2),
+                topk=2)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,pattern", [
+    (dict(lora_A=torch.randn(2, 4, 2, 6)), r"lora_A must be \[S, E=3, r, in_features=6\]"),
+    (dict(lora_A=torch.randn(0, 3, 2, 6), lora_B=torch.randn(0, 3, 4, 2)), r"lora_A must be \[S, E=3"),
+    (dict(lora_A=torch.randn(2, 3, 2, 7)), r"lora_A must be \[S, E=3, r, in_features=6\]"),
+    (dict(lora_B=torch.randn(3, 3, 4, 2)), r"lora_B must be \[S=2, E=3, out_features=4, r=2\]"),
+    (dict(lora_B=torch.randn(3, 4, 2)), r"lora_B must be \[S=2, E=3, out_features=4, r=2\]"),
+    (dict(lora_A=torch.randn(2, 3, 6), lora_B=torch.randn(3, 4, 2)), r"lora_A must be \[E=3, r"),
+    (dict(lora_A=torch.randn(3, 2, 6), lora_B=torch.randn(3, 4, 2)), "slot_scales .* needs adapter banks"),
+    (dict(slot_scales=torch.ones(3)), r"slot_scales must be float32 \[S=2\], got Float \[3\]"),
+    (dict(slot_scales=torch.ones(2, dtype=F64)), r"slot_scales must be float32 \[S=2\], got Double"),
+    (dict(topk=0), "topk must be >= 1"),
+    (dict(topk=3), r"expert_ids must be int64 \[M=15\] \(T=5 x topk=3\)"),
+    (dict(expert_ids=torch.zeros(5, dtype=torch.int64)), r"expert_ids must be int64 \[M=10\]"),
+])
+def test_cpu_bank_bad_inputs_name_the_argument(over, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        C.moe_lora_linear_fwd(**_bad_bank(**over))
+
+
+def test_cpu_bank_bad_bwd_inputs_and_routing():
+    a = _bad_bank()
+    x, w, A, B, ids = a["x"], a["weight"], a["lora_A"], a["lora_B"], a["expert_ids"]
+    kw = dict(slot_scales=a["slot_scales"], topk=2)
+    _, xa = C.moe_lora_linear_fwd(**a)
+    assert xa.shape == (10, 2)
+    dy = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match=r"dy must be \[M=10, out_features=4\], got \[5, 4\]"):
+        C.moe_lora_linear_bwd(dy[:5], x, w, A, B, xa, 0.5, 0.0, 0, ids, True, True, True, **kw)
+    with pytest.raises(RuntimeError, match=r"xa must be \[M=10, r=2\]"):
+        C.moe_lora_linear_bwd(dy, x, w, A, B, xa[:5], 0.5, 0.0, 0, ids, True, True, True, **kw)
+    with pytest.raises(RuntimeError, match=r"order must be int64 \[M=10\], got Long \[5\]"):
+        C.moe_lora_linear_fwd(**a, order=torch.arange(5), keys=torch.arange(5))
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_opcheck_banks_topk(topk):
+    a = _bad_bank(topk=topk, expert_ids=_bad_bank()["expert_ids"][: 5 * topk])
+    torch.library.opcheck(C.moe_lora_linear_fwd.default,
+                          (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], 0.5, 0.2, 7,
+                           a["expert_ids"], None, None, 0, a["slot_scales"], topk))
+    _, xa = C.moe_lora_linear_fwd(**a)
+    dy = torch.randn(5 * topk, 4)
+    torch.library.opcheck(C.moe_lora_linear_bwd.default,
+                          (dy, a["x"], a["weight"], a["lora_A"], a["lora_B"], xa, 0.5, 0.2, 7,
+                           a["expert_ids"], True, True, True, None, None, 0, a["slot_scales"], topk))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: adapter banks and top-k rows on the CUDA kernels (skipped without a CUDA device)
+# --------------------------------------------------------------------------------------------
+
+# (T, K, N, R, E, S, topk): decode (M <= 8), a split-K shrink (K = 1030), several GEMM tiles per
+# virtual expert (M = 2 x 200 over few ids), K not a multiple of 8, S * E = 48 finalize blocks.
+GPU_BANK_SHAPES = [(3, 64, 48, 8, 4, 2, 2), (4, 1030, 136, 16, 8, 3, 1), (200, 72, 200, 17, 2, 2, 2),
+                   (43, 37, 33, 4, 6, 3, 3), (260, 256, 384, 16, 16, 3, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", _gemms())
+@pytest.mark.parametrize("shape", GPU_BANK_SHAPES, ids=lambda s: "T{}-K{}-N{}-R{}-E{}-S{}-k{}".format(*s))
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("slot_scales", [False, True], ids=["ss-none", "ss"])
+def test_gpu_banks_topk_match_reference(gemm, shape, dtype, slot_scales):
+    if not _ext.has_cuda_kernels():
+        pytest.skip("the extension was built without CUDA kernels")
+    T, K, N, R, E, S, topk = shape
+    M = T * topk
+    x, w, b, A, B = (t.cuda() for t in _bank_args(dtype, T, K, N, R, E, S))
+    ids = _bank_ids(M, E, S).cuda()
+    ss = torch.tensor([0.5, 2.0, -1.25][:S]).cuda() if slot_scales else None
+    kw = dict(slot_scales=ss, topk=topk)
+    v = moe_routing_plan(ids, (S + 1) * E, validate=False).view()
+    cpu = lambda ts: tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in ts)  # noqa: E731
+    for plan in (False, True):
+        extra = (v.order, v.keys, gemm) if plan else (None, None, gemm)
+        fargs = (x, w, b, A, B, 0.7, 0.2, SEED, ids)
+        y, xa = C.moe_lora_linear_fwd(*fargs, *extra, **kw)
+        check_op_vs_reference((y.cpu(), xa.cpu()), reference.moe_lora_linear_fwd, cpu(fargs + (ss, topk)),
+                              ("y", "xa"), scaled_atol=True)
+        dy = torch.randn(M, N, device="cuda").to(dtype)
+        bargs = (dy, x, w, A, B, xa, 0.7, 0.2, SEED, ids, True, True, True)
+        got = C.moe_lora_linear_bwd(*bargs, *extra, **kw)
+        check_op_vs_reference(tuple(g.cpu() for g in got), reference.moe_lora_linear_bwd,
+                              cpu(bargs + (ss, topk)), ("dx", "dA", "dB"), scaled_atol=True)
+        nv = (S + 1) * E
+        none = (ids < 0) | (ids >= nv)
+        base = (ids >= 0) & (ids < E)
+        assert (y[none] == 0).all() and (xa[none | base] == 0).all()
+        assert (got[0][none.view(T, topk).all(1)] == 0).all()
+        absent = ~_present(ids.cpu(), E, S).cuda()
+        assert (got[1][absent] == 0).all() and (got[2][absent] == 0).all()
+        again = C.moe_lora_linear_bwd(*bargs, *extra, **kw)  # deterministic: no float atomics
+        assert all(torch.equal(g, h) for g, h in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", _gemms())
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_gpu_bank_base_rows_bit_exact(gemm, dtype):
+    # Base-only ids give the base MoE bit for bit (no LoRA term, not a zero one): the same rows
+    # with every adapter removed, and a NaN-filled bank entry no row uses changes nothing.
+    if not _ext.has_cuda_kernels():
+        pytest.skip("the extension was built without CUDA kernels")
+    T, K, N, R, E, S, k = 150, 96, 80, 8, 3, 3, 2
+    x, w, b, A, B = (t.cuda() for t in _bank_args(dtype, T, K, N, R, E, S))
+    ids = _bank_ids(T * k, E, S)
+    ids = torch.where((ids >= 2 * E) & (ids < 3 * E), ids - E, ids).cuda()  # no row on slot 1
+    A[1], B[1] = float("nan"), float("nan")
+    ss = torch.tensor([0.5, float("nan"), 2.0]).cuda()
+    y, _ = C.moe_lora_linear_fwd(x, w, b, A, B, 0.5, 0.0, 0, ids, None, None, gemm, ss, k)
+    base_ids = torch.where((ids >= 0) & (ids < (S + 1) * E), ids % E, ids)
+    y0, xa0 = C.moe_lora_linear_fwd(x, w, b, A, B, 0.5, 0.0, 0, base_ids, None, None, gemm, ss, k)
+    rows = (ids >= 0) & (ids < E)
+    assert torch.equal(y[rows], y0[rows]) and not torch.isnan(y).any() and not xa0.any()
+    dy = torch.randn(T * k, N, device="cuda").to(dtype)
+    dx, dA, dB = C.moe_lora_linear_bwd(dy, x, w, A, B, torch.zeros_like(xa0), 0.5, 0.0, 0, base_ids, True,
+                                       True, True, None, None, gemm, ss, k)
+    assert not dA.any() and not dB.any() and not dx.isnan().any()
+
+
+@pytest.mark.gpu
+def test_gpu_functional_banks_topk_backend_cuda():
+    if not _ext.has_cuda_kernels():
+        pytest.skip("the extension was built without CUDA kernels")
+    T, K, N, R, E, S, k = 77, 64, 48, 8, 6, 3, 2
+    x, w, b, A, B = (t.cuda() for t in _bank_args(BF16, T, K, N, R, E, S))
+    experts = torch.randint(-1, E, (T, k), device="cuda")
+    adapters = torch.randint(-1, S, (T,), device="cuda")
+    scales = torch.tensor([0.5, 2.0, 1.0], device="cuda")
+    outs = {}
+    for backend in ("torch", "cuda"):
+        xs, As, Bs = (t.clone().requires_grad_(True) for t in (x, A, B))
+        y = fused_lora.moe_lora_linear(xs, w, As, Bs, scales, experts, bias=b, adapter_ids=adapters,
+                                       backend=backend)
+        y.float().square().sum().backward()
+        outs[backend] = (y, xs.grad, As.grad, Bs.grad)
+    for a, r, name in zip(outs["cuda"], outs["torch"], ("y", "dx", "dA", "dB")):
+        torch.testing.assert_close(a.float(), r.float(), atol=0.1, rtol=2e-2, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_bank_bad_inputs():
+    if not _ext.has_cuda_kernels():
+        pytest.skip("the extension was built without CUDA kernels")
+    a = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _bad_bank().items()}
+    with pytest.raises(RuntimeError, match="slot_scales is on cpu but x is on cuda"):
+        C.moe_lora_linear_fwd(**{**a, "slot_scales": torch.ones(2)})
+    with pytest.raises(RuntimeError, match=r"slot_scales must be float32 \[S=2\], got Half"):
+        C.moe_lora_linear_fwd(**{**a, "slot_scales": a["slot_scales"].half()})
+    _, xa = C.moe_lora_linear_fwd(**a)
+    with pytest.raises(RuntimeError, match=r"dy must be \[M=10, out_features=4\]"):
+        C.moe_lora_linear_bwd(torch.randn(5, 4, device="cuda"), a["x"], a["weight"], a["lora_A"], a["lora_B"],
+                              xa, 0.5, 0.0, 0, a["expert_ids"], True, True, True,
+                              slot_scales=a["slot_scales"], topk=2)

@@ -24,6 +24,20 @@ from fused_lora.moe import MoELoRAExperts, moe_routing_plan
 # leave partial column tiles, r=8 a partial 16-wide rank chunk. E=5 experts.
 M0, K0, N0, R0, E0 = 37, 40, 36, 8, 5
 BACKENDS = [("torch", "cpu"), ("triton", TRITON_DEVICE)]
+
+
+def _cuda_backend():
+    """("cuda", device) where the C++/CUDA extension has the MoE ops: its CUDA kernels on a GPU
+    build with a device, else its C++ CPU kernels on CPU tensors."""
+    from fused_lora import _ext
+
+    if _ext.ext_error() is not None or not _ext.has_op("moe_lora_linear"):
+        return []
+    return [("cuda", "cuda" if torch.cuda.is_available() and _ext.has_cuda_kernels() else "cpu")]
+
+
+# The adapter-bank and top-k tests run every backend (the C++ twin takes banks and top-k rows).
+BANK_BACKENDS = BACKENDS + _cuda_backend()
 _REAL_EMPTY = torch.empty
 # Dynamo builds its table of torch functions once per process, on first use; build it now (at
 # collection, before conftest swaps torch.empty for its poisoning wrapper), or the real
@@ -375,7 +389,7 @@ def _bank_loop(x, w, b, A, B, ids, adapters, scales, s, dtype):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BANK_BACKENDS)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
 def test_banks_and_topk_rows_vs_fp64_loop(backend, device, dtype):
     """Mixed adapters over one MoE (an adapter x expert pair is one virtual expert) with top-k
@@ -408,7 +422,7 @@ def test_banks_and_topk_rows_vs_fp64_loop(backend, device, dtype):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BANK_BACKENDS)
 def test_bank_rows_without_adapter_are_the_base_bit_exact(backend, device):
     """Rows with adapter -1 are what the same backend gives when every adapter id is -1 (bit
     for bit on the reference and on a GPU; see the interpreter note), and a batch without
@@ -434,7 +448,7 @@ def test_bank_rows_without_adapter_are_the_base_bit_exact(backend, device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", BANK_BACKENDS)
 def test_topk_rows_read_in_place_equal_copied_rows(backend, device):
     """x [T, in] with expert ids [T, k] gives what the copied rows x[t] (k times) give, dx summed
     per token, and the top-k rows are never materialised: the op's saved x is x itself."""

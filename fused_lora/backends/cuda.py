@@ -52,33 +52,20 @@ for _name, _g in GEMM_VARIANTS.items():
                     doc=f"C++/CUDA extension, gemm={_g}")
 
 
-def _moe_one_adapter(lora_A, slot_scales) -> None:
-    if lora_A.dim() != 3 or slot_scales is not None:
-        raise NotImplementedError(
-            "backend 'cuda' (moe_lora_linear) runs one adapter per expert (lora_A [E, r, in]); "
-            "mixed-adapter MoE banks (lora_A [S, E, r, in], adapter_ids) run on backend='triton' or 'torch'")
-
-
 def _moe_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan, *, gemm, slot_scales=None,
              topk=1):
-    _moe_one_adapter(lora_A, slot_scales)
-    # The C++ kernels read one x row per routed row: top-k > 1 gathers x once per choice (a copy
-    # the Triton kernels avoid by reading x[m // topk]); row m's dropout mask is keyed by m in both.
-    xr = x.repeat_interleave(topk, 0) if topk > 1 else x
-    return _ext.moe_lora_linear_fwd(xr, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan.ids,
-                                    order=plan.order, keys=plan.keys, gemm=gemm)
+    # Adapter banks and top-k rows go to the C++ op as they are: the kernels read x[m // topk]
+    # in place and sum dx per token themselves; row m's dropout mask is keyed by m.
+    return _ext.moe_lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, plan.ids,
+                                    order=plan.order, keys=plan.keys, gemm=gemm,
+                                    slot_scales=slot_scales, topk=topk)
 
 
 def _moe_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan, needs_dx, needs_dA, needs_dB,
              *, gemm, slot_scales=None, topk=1):
-    _moe_one_adapter(lora_A, slot_scales)
-    xr = x.repeat_interleave(topk, 0) if topk > 1 else x
-    dx, dA, dB = _ext.moe_lora_linear_bwd(dy, xr, weight, lora_A, lora_B, xa, scale, dropout_p, seed,
-                                          plan.ids, needs_dx, needs_dA, needs_dB, order=plan.order,
-                                          keys=plan.keys, gemm=gemm)
-    if topk > 1 and needs_dx:  # each token's k rows summed in fp32, in a fixed order
-        dx = dx.view(x.shape[0], topk, x.shape[1]).float().sum(1).to(x.dtype)
-    return dx, dA, dB
+    return _ext.moe_lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, plan.ids,
+                                    needs_dx, needs_dA, needs_dB, order=plan.order, keys=plan.keys,
+                                    gemm=gemm, slot_scales=slot_scales, topk=topk)
 
 
 if _ext.has_op("moe_lora_linear"):  # appended section (keeps merges clean); absent in an old build

@@ -106,7 +106,7 @@ HOT = {
     "_lora_shrink_kernel", "_lora_fwd_kernel", "_lora_bwd_ds_kernel", "_lora_bwd_kernel",
     "_mlora_bgmv_shrink_kernel", "_mlora_sgmv_shrink_kernel", "_mlora_fwd_gather",
     "_mlora_fwd_segmented", "_mlora_bwd_weight_kernel", "_lora_fwd_tma_kernel",
-    "_lora_fwd_tma_persistent_kernel",
+    "_lora_fwd_tma_persistent_kernel", "_lora_bwd_dx_tma_kernel",
     "_moe_shrink_kernel", "_moe_gemm_kernel", "_moe_bwd_weight_kernel",
 }
 # The ratio gate: the single-adapter forward GEMM and dx GEMM. (The multi-adapter GEMMs get

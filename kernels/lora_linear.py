@@ -950,6 +950,27 @@ def _bwd_db_program(
 
 
 @triton.jit
+def _dx_lora_term(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, K, R,
+                  stride_dsm, stride_dsr, stride_ar, stride_ak, key1, key2, drop_thresh, drop_scale,
+                  HAS_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr, EXPAND_R: tl.constexpr,
+                  R_CHUNKS: tl.constexpr, BEFORE_LOOP: tl.constexpr):
+    """drop'(ds A) into a dx accumulator, called before and after the main loop; it acts in one
+    of them. Without dropout: after the loop, one more r-deep step into the same accumulator
+    (before the loop it delayed the first prefetches, and with fp32 adapters ptxas serialised
+    the wgmma chain it fed: C7515, kernel audit). With dropout: before it, masked on its own as
+    the tile's initial value (a second [BM, BK] fp32 tile after the loop would double the
+    accumulator registers)."""
+    if HAS_DROPOUT == BEFORE_LOOP:
+        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
+                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
+                           R_CHUNKS)
+        if HAS_DROPOUT:
+            keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
+            acc = tl.where(keep, acc * drop_scale, 0.0)
+    return acc
+
+
+@triton.jit
 def _bwd_dx_program(
     pid, dy_ptr, w_ptr, a_ptr, ds_ptr, dx_ptr, M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
@@ -960,13 +981,8 @@ def _bwd_dx_program(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One dx tile [BM, BK] = dy W0 + drop'(ds A), K step BLOCK_N over N.
-
-    Without dropout the LoRA term is one more r-deep step after the main loop, into the same
-    accumulator: before the loop it delayed the first prefetches, and with fp32 adapters ptxas
-    serialised the wgmma chain it fed (C7515, kernel audit). With dropout it is masked on its
-    own, so it stays the accumulator's initial value (a second [BM, BK] fp32 tile after the loop
-    would double the accumulator registers)."""
+    """One dx tile [BM, BK] = dy W0 + drop'(ds A), K step BLOCK_N over N; the LoRA term where
+    _dx_lora_term places it."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = _grouped_pid(pid, num_m, num_k, GROUP_M)
@@ -975,12 +991,9 @@ def _bwd_dx_program(
     mask_m = offs_m < M
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    if HAS_DROPOUT:
-        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
-                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
-                           R_CHUNKS)
-        keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
-        acc = tl.where(keep, acc * drop_scale, 0.0)
+    acc = _dx_lora_term(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, K, R,
+                        stride_dsm, stride_dsr, stride_ar, stride_ak, key1, key2, drop_thresh, drop_scale,
+                        HAS_DROPOUT, LORA_PRECISION, EXPAND_R, R_CHUNKS, True)
     # main loop: as the forward's (see _tile_ptrs), with the roles dy = a [M, N], W0 = b^T.
     dy_ptrs, w_ptrs = _tile_ptrs(dy_ptr, w_ptr, pid_m * BLOCK_M, pid_k * BLOCK_K, M, K,
                                  stride_dym, stride_dyn, stride_wk, stride_wn, BLOCK_M, BLOCK_K, BLOCK_N)
@@ -991,10 +1004,9 @@ def _bwd_dx_program(
         acc = tl.dot(dy.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
-    if not HAS_DROPOUT:
-        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
-                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
-                           R_CHUNKS)
+    acc = _dx_lora_term(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, K, R,
+                        stride_dsm, stride_dsr, stride_ar, stride_ak, key1, key2, drop_thresh, drop_scale,
+                        HAS_DROPOUT, LORA_PRECISION, EXPAND_R, R_CHUNKS, False)
     tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
@@ -1093,20 +1105,16 @@ def _lora_bwd_dx_tma_kernel(
     mask_m = offs_m < M
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    if HAS_DROPOUT:
-        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
-                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
-                           R_CHUNKS)
-        keep = _keep_mask(offs_m, offs_k, K, key1, key2, drop_thresh)
-        acc = tl.where(keep, acc * drop_scale, 0.0)
+    acc = _dx_lora_term(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, K, R,
+                        stride_dsm, stride_dsr, stride_ar, stride_ak, key1, key2, drop_thresh, drop_scale,
+                        HAS_DROPOUT, LORA_PRECISION, EXPAND_R, R_CHUNKS, True)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         g = dy_desc.load([m0, n * BLOCK_N])  # dy tile [BM, BN]
         w = w_desc.load([n * BLOCK_N, k0])  # W0 tile [BN, BK], read as stored (no transpose)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
-    if not HAS_DROPOUT:
-        acc = _lora_expand(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, R,
-                           stride_dsm, stride_dsr, stride_ar, stride_ak, 1.0, LORA_PRECISION, EXPAND_R,
-                           R_CHUNKS)
+    acc = _dx_lora_term(acc, ds_ptr, a_ptr, offs_m, offs_k, mask_m, mask_k, K, R,
+                        stride_dsm, stride_dsr, stride_ar, stride_ak, key1, key2, drop_thresh, drop_scale,
+                        HAS_DROPOUT, LORA_PRECISION, EXPAND_R, R_CHUNKS, False)
     tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 

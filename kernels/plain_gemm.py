@@ -19,6 +19,28 @@ __all__ = ["plain_gemm"]
 
 
 @triton.jit
+def _tutorial_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # the tutorials' grouped tile order (GROUP_M row blocks per column sweep)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tutorial_store(c_ptr, accumulator, m0, n0, M, N, stride_cm, stride_cn,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    c = accumulator.to(c_ptr.dtype.element_ty)
+    offs_cm = m0 + tl.arange(0, BLOCK_M)
+    offs_cn = n0 + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
+    tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+
+
+@triton.jit
 def _plain_gemm_kernel(
     a_ptr, b_ptr, c_ptr,
     M, N, K,
@@ -29,12 +51,7 @@ def _plain_gemm_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tutorial_pid(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -49,13 +66,8 @@ def _plain_gemm_kernel(
         accumulator = tl.dot(a, b, accumulator, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    c = accumulator.to(c_ptr.dtype.element_ty)
-
-    offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
-    c_mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
-    tl.store(c_ptrs, c, mask=c_mask)
+    _tutorial_store(c_ptr, accumulator, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, stride_cm, stride_cn,
+                    BLOCK_M, BLOCK_N)
 
 
 def plain_gemm(a: Tensor, b: Tensor, *, block_m: int = 128, block_n: int = 128, block_k: int = 64,
@@ -98,12 +110,7 @@ def _plain_gemm_tma_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _tutorial_pid(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_am = pid_m * BLOCK_M
     offs_bn = pid_n * BLOCK_N
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -115,11 +122,7 @@ def _plain_gemm_tma_kernel(
         else:
             b = b_desc.load([offs_bn, k * BLOCK_K])
             accumulator = tl.dot(a, b.T, accumulator, input_precision=INPUT_PRECISION)
-    c = accumulator.to(c_ptr.dtype.element_ty)
-    offs_cm = offs_am + tl.arange(0, BLOCK_M)
-    offs_cn = offs_bn + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
-    tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+    _tutorial_store(c_ptr, accumulator, offs_am, offs_bn, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -138,13 +141,8 @@ def _plain_gemm_tma_persistent_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_M * num_pid_n
     for tile_id in tl.range(start, num_pid_m * num_pid_n, NUM_SMS):
-        group_id = tile_id // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
-        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        pid_m, pid_n = _tutorial_pid(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_am = pid_m * BLOCK_M
         offs_bn = pid_n * BLOCK_N
         accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -152,11 +150,7 @@ def _plain_gemm_tma_persistent_kernel(
             a = a_desc.load([offs_am, k * BLOCK_K])
             b = b_desc.load([offs_bn, k * BLOCK_K])
             accumulator = tl.dot(a, b.T, accumulator, input_precision=INPUT_PRECISION)
-        c = accumulator.to(c_ptr.dtype.element_ty)
-        offs_cm = offs_am + tl.arange(0, BLOCK_M)
-        offs_cn = offs_bn + tl.arange(0, BLOCK_N)
-        c_ptrs = c_ptr + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
-        tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+        _tutorial_store(c_ptr, accumulator, offs_am, offs_bn, M, N, stride_cm, stride_cn, BLOCK_M, BLOCK_N)
 
 
 def plain_gemm_tma(a: Tensor, b_nk: Tensor, *, block_m: int = 128, block_n: int = 128, block_k: int = 64,

@@ -460,7 +460,10 @@ def test_gpt_oss_transposed_experts_read_in_place():
     assert isinstance(ex, MoELoRAExperts) and ex.is_transposed
     assert ex.proj_shape("gate_up_proj") == (4, 48, 32)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref)
+        # fp32 tolerance, not bit equality: with transformers 5.24 the original's logits differ
+        # from ours by ~1 ulp (max 3e-8 on logits of 0.4 measured: a different summation order
+        # in its experts code); an earlier landing's CI saw them bit-equal.
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-6, atol=1e-6)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         model(ids).logits.sum().backward()

@@ -340,7 +340,7 @@ def _prune_small_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-def _dx_configs():
+def _dx_configs(pre_hook=None):
     """The backward's configs. Its main GEMM is dx [M, K] = dy W0: output tile BLOCK_M x BLOCK_K,
     K step BLOCK_N over N. Forward-tuned configs gave it output tiles of 128x64 at best (16x
     m64n64k16 per step, twice the L2 traffic of 128x256) and two configs of 288 / 240 KB of
@@ -358,7 +358,7 @@ def _dx_configs():
         (64, 64, 128, 4, 4),
         (64, 64, 64, 4, 4),
     ]
-    return _tile_configs(cfgs)
+    return _tile_configs(cfgs, pre_hook=pre_hook)
 
 
 def _small_configs():
@@ -1074,12 +1074,8 @@ def _dx_tma_block_hook(nargs):
     nargs["w_desc"].block_shape = [bn, bk]
 
 
-def _dx_tma_configs():
-    return [triton.Config(dict(c.kwargs), num_stages=c.num_stages, num_warps=c.num_warps,
-                          pre_hook=_dx_tma_block_hook) for c in _dx_configs()]
-
-
-@triton.autotune(configs=_dx_tma_configs(), key=["M_KEY", "N", "K", "R", "HAS_DROPOUT"],
+@triton.autotune(configs=_dx_configs(pre_hook=_dx_tma_block_hook),
+                 key=["M_KEY", "N", "K", "R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_dx_configs})
 @triton.jit(do_not_specialize=["key1", "key2", "drop_thresh"])
 def _lora_bwd_dx_tma_kernel(

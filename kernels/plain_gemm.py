@@ -15,19 +15,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# the tutorials' grouped tile order, the same function our kernels use
+from fused_lora.kernels.lora_linear import _grouped_pid
+
 __all__ = ["plain_gemm"]
-
-
-@triton.jit
-def _tutorial_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # the tutorials' grouped tile order (GROUP_M row blocks per column sweep)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -51,7 +42,7 @@ def _plain_gemm_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _tutorial_pid(pid, num_pid_m, num_pid_n, GROUP_M)
+    pid_m, pid_n = _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -110,7 +101,7 @@ def _plain_gemm_tma_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _tutorial_pid(pid, num_pid_m, num_pid_n, GROUP_M)
+    pid_m, pid_n = _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M)
     offs_am = pid_m * BLOCK_M
     offs_bn = pid_n * BLOCK_N
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -142,7 +133,7 @@ def _plain_gemm_tma_persistent_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in tl.range(start, num_pid_m * num_pid_n, NUM_SMS):
-        pid_m, pid_n = _tutorial_pid(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = _grouped_pid(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_am = pid_m * BLOCK_M
         offs_bn = pid_n * BLOCK_N
         accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
